@@ -1,0 +1,127 @@
+"""Typed, frozen configs, validated in one place.
+
+Precedence, everywhere: explicit argument (CLI flag, API keyword) > user YAML file > packaged
+default.  A YAML file may hold the options at top level or under the section's name
+(``tile:``), so one file can configure several stages.  Every validation problem becomes a
+one-line ``ConfigError`` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hpcpath.errors import ConfigError
+
+__all__ = ["TileConfig", "load_model", "read_yaml", "format_validation_error"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TileConfig(_Frozen):
+    """How slides become stores.  Field docs double as the CLI help."""
+
+    tile_size: int = Field(256, ge=16, le=4096, description="tile edge in output pixels")
+    overlap: int = Field(0, ge=0, description="pixels shared by neighbouring tiles")
+    level: int | None = Field(None, ge=0, description="pyramid level to tile (default 0)")
+    mpp: float | None = Field(None, gt=0, description="target microns per pixel (resamples)")
+    default_mpp: float | None = Field(
+        None, gt=0, description="MPP to assume for slides whose header has none"
+    )
+    tissue_threshold: float = Field(
+        0.5, ge=0, le=1, description="minimum tissue fraction for a tile to be kept"
+    )
+    tissue_method: Literal["saturation", "od"] = "saturation"
+    mask_mpp: float = Field(8.0, gt=0, description="microns per tissue-mask pixel")
+    mask_downsample: float = Field(
+        32.0, ge=1, description="mask downsample for slides without MPP"
+    )
+    codec: Literal["blosc-lz4", "blosc-zstd", "jpeg", "none"] = "blosc-lz4"
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    chunk_tiles: int = Field(64, ge=1, description="tiles per Zarr chunk of the tile array")
+    tiles_per_task: int = Field(256, ge=1, description="tiles one Dask task reads and writes")
+    pyramid: bool = True
+    pyramid_downsample: float = Field(
+        4.0, ge=1, description="level-0 downsample of the pyramid's finest level"
+    )
+    reader: Literal["auto", "openslide", "direct"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TileConfig":
+        if self.overlap >= self.tile_size:
+            raise ValueError("overlap must be smaller than tile_size")
+        if self.level is not None and self.mpp is not None:
+            raise ValueError("give level or mpp, not both")
+        if self.codec == "jpeg":
+            if self.tile_size % 16:
+                raise ValueError("the jpeg codec needs tile_size to be a multiple of 16")
+            if self.chunk_tiles * self.tile_size > 65500:
+                raise ValueError("jpeg chunks are limited to 65500 px: lower chunk_tiles")
+        if self.tiles_per_task % self.chunk_tiles:
+            raise ValueError("tiles_per_task must be a multiple of chunk_tiles")
+        return self
+
+    @property
+    def stride(self) -> int:
+        return self.tile_size - self.overlap
+
+    def params_key(self) -> str:
+        """Digest of every option that changes a store's content (not how work is split)."""
+        content = self.model_dump(exclude={"tiles_per_task", "reader"})
+        blob = json.dumps(content, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "TileConfig":
+        data = read_yaml(path, section="tile") if path else {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return load_model(cls, data, source=str(path) if path else "tile options")
+
+
+def read_yaml(path: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
+    """A YAML mapping from ``path``; the ``section`` sub-mapping when the file has one."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError("config file not found", p) from None
+    except (OSError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read YAML ({first})", p) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of option: value", p)
+    if section and isinstance(data.get(section), dict):
+        return dict(data[section])
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """The first pydantic error as 'key: message' on one line."""
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown option"
+    msg = msg.removeprefix("Value error, ")
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{loc}: {msg}{extra}" if loc else f"{msg}{extra}"
+
+
+def load_model(cls: type[M], data: dict[str, Any], source: str) -> M:
+    """Validate ``data`` into ``cls`` or raise a one-line ConfigError naming ``source``."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc), source) from None

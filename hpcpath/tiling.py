@@ -1,0 +1,534 @@
+"""Slides -> Zarr stores, as Dask tasks that each read one region and write their own chunks.
+
+Per slide the graph is::
+
+    plan (worker): open slide, tissue mask at low resolution, tile grid, create the store
+      -> write_tiles[a:b] (workers, one per run of whole chunks)   \\
+      -> write_pyramid_base[band] -> write_pyramid_level[k] ...     > finalize (marker last)
+
+The driver submits tasks and receives only counts and small metadata, never pixels (the
+PathML design gathers tiles on the driver, which is the bottleneck to avoid).  Every task
+writes whole chunks that no other task touches, so a task retried after a lost worker
+rewrites the same bytes.  A store becomes complete only after every task reported success.
+
+Pure helpers (``tile_grid``) are separate from the code that moves pixels, so they test
+without a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hpcpath._version import __version__
+from hpcpath.config import TileConfig
+from hpcpath.errors import HpcpathError, OutputError, SlideError
+from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
+from hpcpath.io.discover import duplicate_ids
+from hpcpath.manifest import Manifest, SlideRecord
+from hpcpath.store import INDEX_COLUMNS, is_complete, ngff_multiscales, remove_store, store_path
+from hpcpath.tissue import tile_tissue_fraction, tissue_mask
+
+__all__ = ["TileGeometry", "tile_geometry", "tile_grid", "tile_slides", "RunResult"]
+
+_PYRAMID_CHUNK = 1024
+_PYRAMID_MIN = 512
+_MASK_BLOCK = 2048
+
+
+# ----------------------------------------------------------------------------- pure helpers
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where tiles come from: read ``read_size`` px at ``level`` and resize to ``tile_size``.
+
+    ``downsample`` is level-0 pixels per output pixel; ``out_dims`` the slide's size in
+    output pixels.  At a native level ``read_size == tile_size`` and nothing is resampled.
+    """
+
+    level: int
+    downsample: float
+    level_downsample: float
+    read_size: int
+    tile_size: int
+    stride: int
+    out_dims: tuple[int, int]
+    mpp: float | None
+
+
+def tile_geometry(info: SlideInfo, cfg: TileConfig) -> TileGeometry:
+    """Choose level and resampling for a slide; raises SlideError when the slide cannot
+    meet the request (level missing, MPP unknown)."""
+    mpp0 = info.mpp[0] if info.mpp else cfg.default_mpp
+    if cfg.mpp is not None:
+        if mpp0 is None:
+            raise SlideError(
+                "slide has no MPP in its header and no objective power; "
+                "tile by --level or pass --default-mpp",
+                info.source_name,
+            )
+        f = cfg.mpp / mpp0
+        if f < 0.99:
+            raise SlideError(
+                f"target MPP {cfg.mpp} is finer than the scan ({mpp0:.4f}); no upsampling",
+                info.source_name,
+            )
+        level = 0
+        for i, d in enumerate(info.level_downsamples):
+            if d <= f * 1.01:
+                level = i
+        lds = info.level_downsamples[level]
+        read = int(round(cfg.tile_size * f / lds))
+        if abs(read - cfg.tile_size) <= max(1, cfg.tile_size // 100):
+            read = cfg.tile_size  # within 1%: take native pixels, do not resample
+        w0, h0 = info.level_dimensions[0]
+        out = (int(w0 / f), int(h0 / f))
+        if read == cfg.tile_size:
+            out = info.level_dimensions[level]
+            f = lds
+        return TileGeometry(level, f, lds, read, cfg.tile_size, cfg.stride, out, cfg.mpp)
+    level = cfg.level or 0
+    if level >= len(info.level_dimensions):
+        raise SlideError(
+            f"level {level} requested but the slide has {len(info.level_dimensions)} levels",
+            info.source_name,
+        )
+    lds = info.level_downsamples[level]
+    mpp = mpp0 * lds if mpp0 else None
+    return TileGeometry(
+        level, lds, lds, cfg.tile_size, cfg.tile_size, cfg.stride, info.level_dimensions[level], mpp
+    )
+
+
+def tile_grid(geom: TileGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """Every whole tile of the grid, row-major: (index (n, 5) int64, boxes (n, 4) float64).
+
+    index columns are INDEX_COLUMNS (x, y at level 0, level, row, col); boxes are the tiles'
+    level-0 footprints (x, y, w, h) for tissue fractions.  Partial edge tiles are dropped.
+    """
+    wo, ho = geom.out_dims
+    t, s = geom.tile_size, geom.stride
+    cols = (wo - t) // s + 1 if wo >= t else 0
+    rows = (ho - t) // s + 1 if ho >= t else 0
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
+    x0 = np.round(cc * s * geom.downsample).astype(np.int64)
+    y0 = np.round(rr * s * geom.downsample).astype(np.int64)
+    index = np.stack([x0, y0, np.full_like(x0, geom.level), rr, cc], axis=1).astype(np.int64)
+    side = t * geom.downsample
+    boxes = np.stack([x0, y0, np.full(len(x0), side), np.full(len(x0), side)], 1).astype(float)
+    return index, boxes
+
+
+def task_ranges(n: int, per_task: int) -> list[tuple[int, int]]:
+    return [(a, min(a + per_task, n)) for a in range(0, n, per_task)]
+
+
+def pyramid_shapes(info: SlideInfo, base_downsample: float) -> list[tuple[int, int]]:
+    """(height, width) of each pyramid level: base, then halving until <= _PYRAMID_MIN."""
+    w0, h0 = info.dimensions
+    w, h = max(1, math.ceil(w0 / base_downsample)), max(1, math.ceil(h0 / base_downsample))
+    shapes = [(h, w)]
+    while max(h, w) > _PYRAMID_MIN:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        shapes.append((h, w))
+    return shapes
+
+
+def _downsample2(block: np.ndarray) -> np.ndarray:
+    """2x2 mean of a (c, h, w) block; odd edges repeat their last row/column."""
+    c, h, w = block.shape
+    if h % 2 or w % 2:
+        block = np.pad(block, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+    b = block.reshape(c, block.shape[1] // 2, 2, block.shape[2] // 2, 2).astype(np.uint16)
+    return ((b.sum(axis=(2, 4)) + 2) // 4).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- worker tasks
+def _read_scaled_blocked(slide, w: int, h: int, downsample: float, block: int) -> np.ndarray:
+    """The whole slide at ``downsample`` as (h, w, 3), read block by block (flat memory)."""
+    out = np.empty((h, w, 3), np.uint8)
+    for by in range(0, h, block):
+        for bx in range(0, w, block):
+            bw, bh = min(block, w - bx), min(block, h - by)
+            out[by : by + bh, bx : bx + bw] = slide.read_scaled(
+                bx * downsample, by * downsample, bw, bh, downsample
+            )
+    return out
+
+
+def plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
+    """Worker task: tissue mask, tile grid and an empty store.  Returns sizes, not pixels.
+
+    A user-facing problem (bad slide, impossible request) comes back as ``{"error": ...}``
+    rather than as an exception, so workers do not log tracebacks for user mistakes.
+    """
+    try:
+        return _plan_slide(slide_path, out, cfg)
+    except HpcpathError as exc:
+        return {"error": exc.message}
+
+
+def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
+    import zarr
+
+    from hpcpath.codecs import array_codecs
+
+    t0 = time.perf_counter()
+    spath = store_path(out, slide_id_for(slide_path))
+    remove_store(spath)  # anything here is partial or stale: start clean
+    slide = open_slide(slide_path, cfg.reader, cached=True)
+    info = slide.info
+    geom = tile_geometry(info, cfg)
+
+    # Tissue mask at ~mask_mpp microns per pixel (or a fixed downsample without MPP).
+    mpp0 = info.mpp[0] if info.mpp else cfg.default_mpp
+    mds = max(1.0, cfg.mask_mpp / mpp0) if mpp0 else cfg.mask_downsample
+    w0, h0 = info.dimensions
+    mw, mh = max(1, math.ceil(w0 / mds)), max(1, math.ceil(h0 / mds))
+    thumb = _read_scaled_blocked(slide, mw, mh, mds, _MASK_BLOCK)
+    mask, threshold = tissue_mask(thumb, method=cfg.tissue_method)
+    del thumb
+
+    # Nothing to tile is not a crash: the store is still made (mask, pyramid, metadata,
+    # zero tiles) and the reason travels back as a one-line warning.
+    empty_reason = None
+    index, boxes = tile_grid(geom)
+    frac = tile_tissue_fraction(mask, boxes, (mds, mds))
+    keep = (frac >= cfg.tissue_threshold) & (frac > 0)
+    if len(index) == 0:
+        w, h = geom.out_dims
+        empty_reason = (
+            f"slide is smaller than one tile ({w}x{h} px at level {geom.level} "
+            f"< {cfg.tile_size}); store has 0 tiles"
+        )
+    elif not keep.any():
+        empty_reason = (
+            f"no tissue found ({cfg.tissue_method} threshold {threshold:.3g}, no tile with "
+            f"tissue fraction >= {cfg.tissue_threshold}); store has 0 tiles"
+        )
+    index, frac = index[keep], frac[keep]
+    n = len(index)
+
+    root = zarr.open_group(str(spath), mode="w", zarr_format=3)
+    meta = {
+        "version": __version__,
+        "complete": False,
+        "params_key": cfg.params_key(),
+        "slide": info.to_dict(),
+        "tiling": {
+            **cfg.model_dump(exclude={"reader", "tiles_per_task"}),
+            "level": geom.level,
+            "downsample": geom.downsample,
+            "read_size": geom.read_size,
+            "stride": geom.stride,
+            "tile_mpp": geom.mpp,
+            "n_tiles": n,
+            "n_grid_tiles": int(keep.size),
+        },
+        "tissue": {
+            "method": cfg.tissue_method,
+            "threshold": threshold,
+            "downsample": [mds, mds],
+            "fraction_rule": "mask pixels whose centre lies in the tile's level-0 box",
+        },
+    }
+    root.attrs["hpcpath"] = meta
+    tissue = root.create_group("tissue")
+    tissue.create_array(
+        "mask", data=mask.astype(np.uint8), chunks=(min(mh, 4096), min(mw, 4096)),
+        attributes={"downsample": [mds, mds], "values": {"0": "background", "1": "tissue"}},
+    )
+    tiles = root.create_group("tiles")
+    tiles.create_array(
+        "index", data=index.reshape(-1, 5), chunks=(max(1, min(n, 65536)), 5),
+        attributes={"columns": list(INDEX_COLUMNS), "coordinates": "level-0 pixels"},
+    )
+    tiles.create_array("tissue_fraction", data=frac, chunks=(max(1, min(n, 65536)),))
+    t = cfg.tile_size
+    tiles.create_array(
+        "images", shape=(n, t, t, 3), dtype="uint8", chunks=(max(1, min(cfg.chunk_tiles, n)), t, t, 3),
+        fill_value=0, config={"write_empty_chunks": True},
+        attributes={"axes": ["tile", "y", "x", "c"], "codec": cfg.codec},
+        **array_codecs(cfg.codec, jpeg_quality=cfg.jpeg_quality),
+    )
+    shapes: list[tuple[int, int]] = []
+    if cfg.pyramid:
+        shapes = pyramid_shapes(info, cfg.pyramid_downsample)
+        image = root.create_group("image")
+        scales = [cfg.pyramid_downsample * 2**i for i in range(len(shapes))]
+        image.attrs["ome"] = ngff_multiscales(info.slide_id, scales, info.mpp)
+        for i, (h, w) in enumerate(shapes):
+            image.create_array(
+                str(i), shape=(3, h, w), dtype="uint8",
+                chunks=(3, min(h, _PYRAMID_CHUNK), min(w, _PYRAMID_CHUNK)),
+                fill_value=255, dimension_names=["c", "y", "x"],
+                **array_codecs("blosc-zstd"),
+            )
+    return {
+        "slide_id": info.slide_id,
+        "store": str(spath),
+        "n_tiles": n,
+        "empty_reason": empty_reason,
+        "pyramid": shapes,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: int) -> int:
+    """Worker task: read tiles [start, stop) from the slide and write their chunks."""
+    import zarr
+    from PIL import Image
+
+    root = zarr.open_group(store, mode="r+")
+    images = root["tiles/images"]
+    meta = root.attrs["hpcpath"]["tiling"]
+    level, read = meta["level"], meta["read_size"]
+    lds = root.attrs["hpcpath"]["slide"]["level_downsamples"][level]
+    index = root["tiles/index"][start:stop]
+    slide = open_slide(slide_path, cfg.reader, cached=True)
+    t = cfg.tile_size
+    chunk = images.chunks[0]
+    max_run = max(1, 8192 // read)  # tiles per row segment read at once (bounded memory)
+    for c0 in range(0, len(index), chunk):
+        sub = index[c0 : c0 + chunk]
+        batch = np.empty((len(sub), t, t, 3), np.uint8)
+        # level coordinates of every tile, then one read per run of tiles sharing a row
+        lx = np.round(sub[:, 0] / lds).astype(np.int64)
+        ly = np.round(sub[:, 1] / lds).astype(np.int64)
+        i = 0
+        while i < len(sub):
+            j = i + 1
+            while j < len(sub) and ly[j] == ly[i] and j - i < max_run and lx[j] - lx[j - 1] <= read:
+                j += 1
+            x_start, width = int(lx[i]), int(lx[j - 1] - lx[i] + read)
+            strip = slide.read(level, x_start, int(ly[i]), width, read)
+            for k in range(i, j):
+                off = int(lx[k] - x_start)
+                patch = strip[:, off : off + read]
+                if read != t:
+                    patch = np.asarray(Image.fromarray(patch).resize((t, t), Image.Resampling.BOX))
+                batch[k] = patch
+            i = j
+        images[start + c0 : start + c0 + len(sub)] = batch
+    return stop - start
+
+
+def write_pyramid_base(slide_path: str, store: str, cfg: TileConfig, row0: int, row1: int) -> int:
+    """Worker task: rows [row0, row1) of pyramid level 0, read from the best slide level."""
+    import zarr
+
+    arr = zarr.open_group(store, mode="r+")["image/0"]
+    _, h, w = arr.shape
+    slide = open_slide(slide_path, cfg.reader, cached=True)
+    d = cfg.pyramid_downsample
+    for x0 in range(0, w, _PYRAMID_CHUNK):
+        bw = min(_PYRAMID_CHUNK, w - x0)
+        block = slide.read_scaled(x0 * d, row0 * d, bw, row1 - row0, d)
+        arr[:, row0:row1, x0 : x0 + bw] = np.moveaxis(block, -1, 0)
+    return row1 - row0
+
+
+def write_pyramid_level(store: str, level: int, *_deps: Any) -> int:
+    """Worker task: pyramid level ``level`` from level - 1 by 2x2 means, band by band."""
+    import zarr
+
+    image = zarr.open_group(store, mode="r+")["image"]
+    src, dst = image[str(level - 1)], image[str(level)]
+    _, h, w = dst.shape
+    for r0 in range(0, h, _PYRAMID_CHUNK):
+        r1 = min(h, r0 + _PYRAMID_CHUNK)
+        block = src[:, 2 * r0 : 2 * r1, :]
+        dst[:, r0:r1, :] = _downsample2(block)[:, : r1 - r0, :w]
+    return h
+
+
+def finalize_store(store: str, n_tiles: int, written: int) -> None:
+    """Mark the store complete — the last write, and only when every tile is accounted for."""
+    import zarr
+
+    if written != n_tiles:
+        raise HpcpathError(f"wrote {written} of {n_tiles} tiles; not marking complete", store)
+    root = zarr.open_group(store, mode="r+")
+    meta = dict(root.attrs["hpcpath"])
+    meta["complete"] = True
+    root.attrs["hpcpath"] = meta
+
+
+# ----------------------------------------------------------------------------- driver
+@dataclass
+class RunResult:
+    out_dir: Path
+    records: list[SlideRecord]
+    manifest_path: Path
+
+    @property
+    def failed(self) -> list[SlideRecord]:
+        return [r for r in self.records if r.status == "failed"]
+
+    @property
+    def empty(self) -> list[SlideRecord]:
+        return [r for r in self.records if r.status == "empty"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(r.tiles or 0 for r in self.records)
+
+
+def _check_output(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".hpcpath-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, HpcpathError):
+        return exc.message
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: str) -> list[tuple[Any, str]]:
+    """Tile-writing and pyramid tasks for one planned slide, as (future, kind) pairs."""
+    sid, store = plan["slide_id"], plan["store"]
+    futures = [
+        (client.submit(write_tiles, str(path), store, cfg, a, b, key=f"tiles-{sid}-{a}-{key}",
+                       pure=False, retries=2), "tiles")
+        for a, b in task_ranges(plan["n_tiles"], cfg.tiles_per_task)
+    ]
+    if plan["pyramid"]:
+        h0 = plan["pyramid"][0][0]
+        prev = [
+            client.submit(write_pyramid_base, str(path), store, cfg, r, min(h0, r + _PYRAMID_CHUNK),
+                          key=f"pyramid0-{sid}-{r}-{key}", pure=False, retries=2)
+            for r in range(0, h0, _PYRAMID_CHUNK)
+        ]
+        for k in range(1, len(plan["pyramid"])):  # each level waits for the one below
+            prev = [client.submit(write_pyramid_level, store, k, *prev,
+                                  key=f"pyramid{k}-{sid}-{key}", pure=False, retries=2)]
+        futures += [(f, "pyramid") for f in prev]
+    return futures
+
+
+@dataclass
+class _Pending:
+    """Driver-side bookkeeping for one slide in flight (counts only, never pixels)."""
+
+    path: Path
+    t0: float
+    plan: dict | None = None
+    pending: int = 0
+    written: int = 0
+    error: str | None = None
+
+
+def tile_slides(
+    inputs: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    cfg: TileConfig | None = None,
+    *,
+    client=None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> RunResult:
+    """Tile every slide in ``inputs`` into ``out_dir/<slide_id>.zarr`` on a Dask client.
+
+    Complete stores made with the same options are skipped; partial ones are redone.  One
+    bad slide is recorded as failed in the manifest and never stops the others.
+    ``on_event(kind, info)`` receives progress events (the CLI draws its progress line).
+    """
+    from distributed import as_completed, default_client
+
+    cfg = cfg or TileConfig()
+    client = client or default_client()
+    out = Path(out_dir)
+    _check_output(out)
+    emit = on_event or (lambda kind, info: None)
+    manifest = Manifest.load(out)
+    paths = discover_slides(inputs)
+    dups = duplicate_ids(paths)
+    key = cfg.params_key()
+    records: list[SlideRecord] = []
+
+    def record(rec: SlideRecord) -> None:
+        records.append(rec)
+        manifest.update(rec)
+        manifest.save()
+        emit("slide", {"record": rec})
+
+    def finish(sid: str, run: _Pending) -> None:
+        secs = time.perf_counter() - run.t0
+        plan = run.plan or {}
+        if run.error is None:
+            try:
+                finalize_store(plan["store"], plan["n_tiles"], run.written)
+            except Exception as exc:  # noqa: BLE001
+                run.error = _one_line(exc)
+        if run.error is not None:
+            record(SlideRecord.failure(sid, run.path, run.error, secs))
+        elif plan.get("empty_reason"):
+            record(SlideRecord(sid, str(run.path), "empty", 0, secs, plan["empty_reason"], key))
+        else:
+            record(SlideRecord(sid, str(run.path), "complete", plan["n_tiles"], secs, None, key))
+
+    ac = as_completed()
+    runs: dict[str, _Pending] = {}
+    owner: dict[Any, tuple[str, str]] = {}
+    for p in paths:
+        sid = slide_id_for(p)
+        if sid in dups:
+            record(SlideRecord.failure(sid, p, f"slide id {sid!r} is shared by {len(dups[sid])} inputs"))
+            continue
+        if is_complete(store_path(out, sid), key):
+            prev = manifest.slides.get(sid)
+            tiles = prev.tiles if prev else None
+            status = prev.status if prev and prev.status == "empty" else "complete"
+            record(SlideRecord(sid, str(p), status, tiles, 0.0, prev.error if prev else None, key, reused=True))
+            continue
+        fut = client.submit(plan_slide, str(p), str(out), cfg, key=f"plan-{sid}-{key}", pure=False)
+        runs[sid] = _Pending(p, time.perf_counter())
+        owner[fut] = (sid, "plan")
+        ac.add(fut)
+    emit("start", {"slides": len(paths), "submitted": len(runs)})
+
+    for fut in ac:
+        sid, kind = owner.pop(fut)
+        run = runs[sid]
+        if kind == "plan":
+            try:
+                plan = fut.result()
+                if "error" in plan:
+                    raise SlideError(plan["error"], run.path)
+            except Exception as exc:  # noqa: BLE001 - per-slide failure, the run goes on
+                record(SlideRecord.failure(sid, run.path, _one_line(exc), time.perf_counter() - run.t0))
+                continue
+            run.plan = plan
+            emit("plan", {"slide_id": sid, "n_tiles": plan["n_tiles"]})
+            for f, k in _submit_slide_tasks(client, cfg, run.path, plan, key):
+                owner[f] = (sid, k)
+                ac.add(f)
+                run.pending += 1
+        else:
+            run.pending -= 1
+            try:
+                n = fut.result()
+                if kind == "tiles":
+                    run.written += n
+                    emit("tiles", {"slide_id": sid, "n": n})
+            except Exception as exc:  # noqa: BLE001
+                run.error = run.error or _one_line(exc)
+        if run.plan is not None and run.pending == 0:
+            finish(sid, run)
+    return RunResult(out, records, manifest.path)
