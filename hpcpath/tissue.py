@@ -18,7 +18,7 @@ Method = Literal["saturation", "od"]
 
 # Floors under Otsu's threshold: below these a pixel is background whatever Otsu says.
 _MIN_SATURATION = 20.0  # of 255
-_MIN_OD = 0.08
+_MIN_OD = 0.15  # clean glass reads ~0.03-0.10
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:
@@ -74,8 +74,8 @@ def tile_tissue_fraction(
     """Fraction of tissue under each level-0 box (x, y, w, h), from a mask at ``scale``.
 
     ``scale`` is (level-0 px per mask column, per mask row).  A mask pixel counts for a box
-    when its centre lies inside the box; a box smaller than one mask pixel takes the pixel
-    under its centre.  Summed-area tables make this O(1) per box.
+    when its centre lies inside the box; along an axis where the box covers no pixel centre
+    (narrower than a mask pixel, or off the mask) the pixel under the box centre is used.  Summed-area tables make this O(1) per box.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(boxes) == 0:

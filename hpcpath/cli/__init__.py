@@ -1,0 +1,1 @@
+"""The ``hpcpath`` command line: thin wrappers over the library API, one module per command."""

@@ -1,0 +1,56 @@
+"""Entry point: a click group whose commands import their heavy dependencies lazily, so
+``hpcpath --help`` is instant, and one place that turns HpcpathError into a one-line message
+and a non-zero exit instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hpcpath._version import __version__
+from hpcpath.errors import HpcpathError
+
+EXIT_FAILED = 1  # the run finished but some slide failed (or had nothing to tile)
+EXIT_USAGE = 2  # bad arguments, config or output location: nothing ran
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"hpcpath: error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HpcpathError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("hpcpath: interrupted; partial stores are not marked complete", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpcpath")
+def cli() -> None:
+    """hpcpath: whole-slide images to Zarr stores, models and answers, on Dask and Slurm."""
+
+
+def _register() -> None:
+    from hpcpath.cli import info, synth, tile
+
+    cli.add_command(tile.tile)
+    cli.add_command(synth.synth)
+    cli.add_command(info.info)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="hpcpath")
+
+
+if __name__ == "__main__":
+    main()
