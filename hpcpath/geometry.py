@@ -29,7 +29,7 @@ def polygon_rings(polygon) -> list[np.ndarray]:
     A closing vertex equal to the first is harmless (it adds a zero-length edge).
     """
     if isinstance(polygon, np.ndarray):
-        rings = [polygon]
+        rings = list(polygon) if polygon.ndim == 3 else [polygon]
     elif len(polygon) and np.ndim(polygon[0]) == 2:
         rings = list(polygon)
     else:

@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +35,20 @@ _Q = 80.0                      # uint8 texture units per optical density
 _PERIODS = (1024, 1216)        # two periodic texture layers; combined period 19,456 px
 _TEX_DS = (1, 4, 16, 64)       # texture pyramid (both periods divide by 64)
 _STAIN_H = np.array([0.65, 0.70, 0.29]) / np.linalg.norm([0.65, 0.70, 0.29])
-_STAIN_E = np.array([0.10, 0.95, 0.30]) / np.linalg.norm([0.10, 0.95, 0.30])
+_STAIN_E = np.array([0.12, 0.92, 0.42]) / np.linalg.norm([0.12, 0.92, 0.42])
 _LIB = "Aperio Image Library v12.0.15 "
 _FONT = {  # 5x7 glyphs, one 5-bit int per row: enough for the fake identifiers
     "0": (14, 17, 19, 21, 25, 17, 14), "1": (4, 12, 4, 4, 4, 4, 14), "2": (14, 17, 1, 2, 4, 8, 31),
     "3": (30, 1, 1, 14, 1, 1, 30), "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
     "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8), "8": (14, 17, 17, 14, 17, 17, 14),
-    "9": (14, 17, 17, 15, 1, 2, 12), "-": (0, 0, 0, 31, 0, 0, 0), "A": (14, 17, 17, 31, 17, 17, 17),
-    "E": (31, 16, 16, 30, 16, 16, 31), "I": (14, 4, 4, 4, 4, 4, 14), "N": (17, 25, 21, 19, 17, 17, 17),
-    "P": (30, 17, 17, 30, 16, 16, 16), "T": (31, 4, 4, 4, 4, 4, 4),
+    "9": (14, 17, 17, 15, 1, 2, 12), "-": (0, 0, 0, 31, 0, 0, 0), "T": (31, 4, 4, 4, 4, 4, 4),
+    "A": (14, 17, 17, 31, 17, 17, 17), "E": (31, 16, 16, 30, 16, 16, 31),
+    "I": (14, 4, 4, 4, 4, 4, 14), "N": (17, 25, 21, 19, 17, 17, 17),
+    "P": (30, 17, 17, 30, 16, 16, 16),
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SynthTruth:
     """What was planted in a synthetic slide; all coordinates are level-0 pixels (x, y)."""
 
@@ -62,7 +63,7 @@ class SynthTruth:
     seed: int = 0
     tile: int = 256
     phi: tuple[str, ...] = ()                 # fake identifiers that must never leak
-    downsamples: tuple[int, ...] = field(default=(1,))
+    downsamples: tuple[int, ...] = (1,)
     mitosis_radius_px: float = 8.0
 
 
@@ -108,49 +109,69 @@ def _edge_distance(pts: np.ndarray, polys) -> np.ndarray:
     return out
 
 
-def _tissue(rng, w: int, h: int, n: int) -> list[np.ndarray]:
-    """n blobs, one per cell of a near-square grid, each filling 70-90% of its cell's box."""
+def _tissue(rng, w: int, h: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n (blob, star-centre) pairs, one per cell of a near-square grid, each blob filling
+    65-85% of its cell's box (25-45% of the slide in all)."""
     if n <= 0:
         return []
     gc = min(range(1, n + 1), key=lambda c: abs(np.log((w / c) / (h / -(-n // c))))
              + 0.6 * (c * -(-n // c) - n) / n)
     gr = -(-n // gc)
-    cells = rng.permutation(gr * gc)[:n]
     cw, ch = w / gc, h / gr
     out = []
-    for cell in sorted(cells):
+    for cell in sorted(rng.permutation(gr * gc)[:n]):
         p = _rotate(_star(rng, int(rng.integers(60, 201)), 0.35) * [1, rng.uniform(0.6, 1)],
                     rng.uniform(0, np.pi))
         lo, hi = p.min(0), p.max(0)
-        size = np.array([cw, ch]) * rng.uniform(0.72, 0.9, 2)
+        size = np.array([cw, ch]) * rng.uniform(0.65, 0.85, 2)
         slack = np.array([cw, ch]) * 0.95 - size
         centre = (np.array([cell % gc + 0.5, cell // gc + 0.5]) * [cw, ch]
                   + rng.uniform(-0.5, 0.5, 2) * slack)
-        out.append(np.round((p - (lo + hi) / 2) / (hi - lo) * size + centre, 2))
+        f = lambda q: (q - (lo + hi) / 2) / (hi - lo) * size + centre  # noqa: E731
+        out.append((np.round(f(p), 2), f(np.zeros(2))))
     return out
 
 
+def _contains(outer: np.ndarray, inner: np.ndarray) -> bool:
+    """Inner vertices inside, and farther from outer's edges than inner's longest edge:
+    then no edges can cross, so the inner polygon lies wholly inside."""
+    longest = np.hypot(*(np.roll(inner, -1, axis=0) - inner).T).max()
+    return bool(points_in_polygons(inner, [outer]).all()
+                and _edge_distance(inner, [outer]).min() > longest)
+
+
 def _tumours(rng, tissue, n: int) -> list[np.ndarray]:
-    """Blobs placed where a disc around them is clear of the tissue edge and other tumours."""
-    out, discs = [], []
+    """The first tumour in a blob is the blob shrunk (35-60%, own wobble) about its star
+    centre, which provably stays inside, then nudged if it still fits; any further tumour
+    in the same blob is a smaller blob in a disc clear of edges and earlier tumours."""
+    out: list[np.ndarray] = []
     for j in range(n if tissue else 0):
-        host = tissue[j % len(tissue)]
-        lo, hi = host.min(0), host.max(0)
-        cand = rng.uniform(lo, hi, (600, 2))
+        host, c = tissue[j % len(tissue)]
+        if j < len(tissue):
+            th = np.arctan2(*(host - c).T[::-1])
+            g = sum(rng.uniform(0, 0.2 / h) * np.cos(h * th + rng.uniform(0, 6.3))
+                    for h in range(2, 6))
+            p = c + (host - c) * (rng.uniform(0.35, 0.6) * (1 + g))[:, None]
+            for scale in (0.5, 0.35, 0.2, 0.1):
+                q = p + rng.uniform(-1, 1, 2) * scale * (host.max(0) - host.min(0))
+                if _contains(host, q):
+                    p = q
+                    break
+            out.append(np.round(p, 2))
+            continue
+        cand = rng.uniform(host.min(0), host.max(0), (600, 2))
         cand = cand[points_in_polygons(cand, [host])]
-        clear = _edge_distance(cand, [host])
-        for c, r in discs:
-            clear = np.minimum(clear, np.hypot(*(cand - c).T) - r)
+        if out:
+            cand = cand[~points_in_polygons(cand, out)]
+        clear = _edge_distance(cand, [host] + out)
         if len(cand) == 0 or clear.max() <= 20:
             continue
         best = np.argsort(clear)[-max(1, len(cand) // 10):]
         i = best[rng.integers(len(best))]
-        radius = clear[i] * rng.uniform(0.5, 0.8)
         p = _rotate(_star(rng, int(rng.integers(60, 161)), 0.5) * [1, rng.uniform(0.6, 1)],
                     rng.uniform(0, np.pi))
-        p = p / np.hypot(*p.T).max() * radius + cand[i]
-        out.append(np.round(p, 2))
-        discs.append((cand[i], radius))
+        out.append(np.round(p / np.hypot(*p.T).max() * clear[i] * rng.uniform(0.5, 0.8)
+                            + cand[i], 2))
     return out
 
 
@@ -211,12 +232,11 @@ def _nucleus(rng, a, b, angle, rough, od, vesicular=False):
 
 def _fibres(rng, p: int, angle: float, px_um: float) -> np.ndarray:
     """Periodic streaky noise: white noise through an oriented Gaussian filter (FFT)."""
-    f = np.fft.fftfreq(p)
-    fu, fv = np.meshgrid(f, f)
+    fu, fv = np.meshgrid(np.fft.rfftfreq(p), np.fft.fftfreq(p))
     along = fu * np.cos(angle) + fv * np.sin(angle)
     across = -fu * np.sin(angle) + fv * np.cos(angle)
     filt = np.exp(-(along / (0.02 / px_um)) ** 2 - (across / (0.15 / px_um)) ** 2)
-    out = np.fft.ifft2(np.fft.fft2(rng.normal(size=(p, p))) * filt).real
+    out = np.fft.irfft2(np.fft.rfft2(rng.normal(size=(p, p))) * filt, s=(p, p))
     return out / out.std()
 
 
@@ -236,11 +256,11 @@ def _textures(seed: int, mpp: float, tile: int) -> dict:
         fib = _fibres(rng, p, ang, um) + 0.6 * _fibres(rng, p, ang + rng.uniform(0.4, 1.2), um)
         low = _fibres(rng, p, 0.0, um / 12)
         layers = {
-            "sE": np.clip(0.19 + 0.085 * fib + 0.03 * low + rng.normal(0, 0.02, (p, p)), 0.01, None),
-            "sH": np.full((p, p), 0.03) + rng.normal(0, 0.01, (p, p)),
-            "tE": np.clip(0.13 + 0.03 * low + rng.normal(0, 0.025, (p, p)), 0.01, None),
-            "tH": np.clip(0.21 + 0.04 * low + rng.normal(0, 0.03, (p, p)), 0, None),
-        }
+            "sE": 0.165 + 0.07 * fib + 0.03 * low + rng.normal(0, 0.02, (p, p)),
+            "sH": 0.03 + rng.normal(0, 0.01, (p, p)),
+            "tE": 0.13 + 0.03 * low + rng.normal(0, 0.025, (p, p)),
+            "tH": 0.21 + 0.04 * low + rng.normal(0, 0.03, (p, p)),
+        }  # optical densities; quantised and clipped below
 
         def fibro(r):
             if r.random() < 0.25:  # lymphocyte: small, round, dark
@@ -250,11 +270,11 @@ def _textures(seed: int, mpp: float, tile: int) -> dict:
 
         def tumour(r):
             k = r.lognormal(0, 0.22)
-            return _nucleus(r, k * r.uniform(4.5, 6.5) * um, k * r.uniform(3.5, 5) * um,
-                            r.uniform(0, np.pi), 0.18, r.uniform(0.8, 1.1), vesicular=True)
+            return _nucleus(r, k * r.uniform(4, 6) * um, k * r.uniform(3.2, 4.5) * um,
+                            r.uniform(0, np.pi), 0.18, r.uniform(0.85, 1.25), vesicular=True)
 
         _stamp_nuclei(rng, layers["sH"], 28 * um, 0.85, fibro)
-        _stamp_nuclei(rng, layers["tH"], 11.5 * um * 1.4142, 0.95, tumour)
+        _stamp_nuclei(rng, layers["tH"], 9 * um * 1.4142, 0.95, tumour)
         layers["tE"] *= np.clip(1 - layers["tH"], 0.3, 1)
         for name, arr in layers.items():
             arr = np.clip(arr * _Q, 0, 127 if name.endswith("E") else 255).astype(np.float32)
@@ -264,22 +284,30 @@ def _textures(seed: int, mpp: float, tile: int) -> dict:
                 reps = -(-(pd + tile) // pd)
                 tex[name, p, d] = np.tile(np.round(lv).astype(np.uint8), (reps, reps))[
                     :pd + tile, :pd + tile]
-    rng = np.random.default_rng([seed, 12])
-    bg = np.array(BACKGROUND) + rng.normal(0, 1.2, (1024, 1024, 3))
-    bg = np.clip(np.round(bg), 0, 255).astype(np.uint32)
-    bg = bg[..., 0] | bg[..., 1] << 8 | bg[..., 2] << 16
-    for d in _TEX_DS:  # noise, not structure: the same field serves every level
-        tex["bg", 1024, d] = np.tile(bg, (2, 2))[:1024 + tile, :1024 + tile]
+    return tex
+
+
+def _pack(rgb: np.ndarray) -> np.ndarray:
+    """RGB as one little-endian uint32 per pixel: one take/where per pixel, not three."""
+    rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint32)
+    return rgb[..., 0] | rgb[..., 1] << 8 | rgb[..., 2] << 16
+
+
+@functools.lru_cache(maxsize=4)
+def _background(seed: int, tile: int) -> dict:
+    """Glass noise (sampled in level coordinates) and the (H, E) -> RGB Beer-Lambert table."""
+    noise = np.random.default_rng([seed, 12]).normal(0, 1.2, (1024, 1024, 3))
+    bg = _pack(np.array(BACKGROUND) + noise)
     h, e = np.meshgrid(np.arange(256) / _Q, np.arange(256) / _Q, indexing="ij")
     od = h[..., None] * _STAIN_H + e[..., None] * _STAIN_E
-    rgb = np.clip(np.round(np.array(BACKGROUND) * np.exp(-od)), 0, 255).astype(np.uint32)
-    tex["lut"] = (rgb[..., 0] | rgb[..., 1] << 8 | rgb[..., 2] << 16).reshape(-1)
-    return tex
+    return {("bg", 1024, 1): np.tile(bg, (2, 2))[:1024 + tile, :1024 + tile],
+            "lut": _pack(np.array(BACKGROUND) * np.exp(-od)).reshape(-1)}
 
 
 def _sample(tex, name, p, x0, y0, ds, rows, cols):
     """Window of a periodic layer: a slice on pyramid levels, nearest-neighbour otherwise."""
-    if ds in _TEX_DS and x0 % ds == 0 and y0 % ds == 0 and rows <= cols <= tex[name, p, ds].shape[0] - p // ds:
+    fast = (name, p, ds) in tex and x0 % ds == 0 and y0 % ds == 0
+    if fast and max(rows, cols) <= tex[name, p, ds].shape[0] - p // ds:
         pd = p // ds
         oy, ox = int(y0 // ds) % pd, int(x0 // ds) % pd
         return tex[name, p, ds][oy:oy + rows, ox:ox + cols]
@@ -309,14 +337,15 @@ def _scene(truth_parts, seed, mpp, tile, rr) -> _Scene:
     rng = np.random.default_rng([seed, 13])
     mshape = np.c_[rng.uniform(1.0, 1.5, len(mitoses)), rng.uniform(0, np.pi, (len(mitoses), 1)),
                    rng.uniform(0, 0.15, (len(mitoses), 3)), rng.uniform(0, 6.3, (len(mitoses), 3))]
-    return _Scene(_textures(seed, mpp, tile), polys, [1] * len(tissue) + [2] * len(tumour),
+    tex = {**_background(seed, tile), **(_textures(seed, mpp, tile) if polys else {})}
+    return _Scene(tex, polys, [1] * len(tissue) + [2] * len(tumour),
                   boxes, mitoses.reshape(-1, 2), mshape, rr)
 
 
 def _render(sc: _Scene, x0: float, y0: float, ds: float, rows: int, cols: int) -> np.ndarray:
     """RGB window whose pixel (r, c) shows the scene at level-0 centre (x0+(c+.5)ds, ...)."""
     t = sc.tex
-    bg = _sample(t, "bg", 1024, x0, y0, ds, rows, cols)
+    bg = _sample(t, "bg", 1024, x0 / ds, y0 / ds, 1, rows, cols)  # noise at any level
     x1, y1 = x0 + cols * ds, y0 + rows * ds
     hit = ((sc.boxes[:, 0] < x1) & (sc.boxes[:, 2] > x0) & (sc.boxes[:, 1] < y1)
            & (sc.boxes[:, 3] > y0))
@@ -328,15 +357,16 @@ def _render(sc: _Scene, x0: float, y0: float, ds: float, rows: int, cols: int) -
     if region is None or not region.any():
         packed = bg
     else:
-        a, b = _PERIODS
-        hh = np.maximum(_sample(t, "sH", a, x0, y0, ds, rows, cols),
-                        _sample(t, "sH", b, x0, y0, ds, rows, cols))
-        ee = _sample(t, "sE", a, x0, y0, ds, rows, cols) + _sample(t, "sE", b, x0, y0, ds, rows, cols)
+        def stains(kind):  # nuclei of the two layers overlap (max); eosin adds up
+            (ha, ea), (hb, eb) = ((_sample(t, kind + "H", p, x0, y0, ds, rows, cols),
+                                   _sample(t, kind + "E", p, x0, y0, ds, rows, cols))
+                                  for p in _PERIODS)
+            return np.maximum(ha, hb), ea + eb
+
+        hh, ee = stains("s")
         tum = region == 2
         if tum.any():
-            th = np.maximum(_sample(t, "tH", a, x0, y0, ds, rows, cols),
-                            _sample(t, "tH", b, x0, y0, ds, rows, cols))
-            te = _sample(t, "tE", a, x0, y0, ds, rows, cols) + _sample(t, "tE", b, x0, y0, ds, rows, cols)
+            th, te = stains("t")
             hh, ee = np.where(tum, th, hh), np.where(tum, te, ee)
         _draw_mitoses(sc, hh, ee, x0, y0, ds)
         rgb = t["lut"].take((hh.astype(np.uint16) << 8) | ee)
@@ -354,7 +384,6 @@ def _draw_mitoses(sc: _Scene, hh, ee, x0, y0, ds):
                           & (sc.mitoses[:, 1] > y0 - m) & (sc.mitoses[:, 1] < y0 + rows * ds + m))
     for i in near:
         (mx, my), (anis, ang, *ha) = sc.mitoses[i], sc.mshape[i]
-        ca, cb = (max(0, int((v - m - o) / ds)) for v, o in ((mx, x0), (my, y0)))
         ra, rb = max(0, int((my - m - y0) / ds)), min(rows, int((my + m - y0) / ds) + 2)
         ca, cb = max(0, int((mx - m - x0) / ds)), min(cols, int((mx + m - x0) / ds) + 2)
         if ra >= rb or ca >= cb:
@@ -368,3 +397,219 @@ def _draw_mitoses(sc: _Scene, hh, ee, x0, y0, ds):
         win = (slice(ra, rb), slice(ca, cb))
         hh[win] = np.maximum(hh[win], (alpha * 2.4 * _Q).astype(np.uint8))
         ee[win] = (ee[win] * (1 - 0.6 * alpha)).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """Write to a hidden temporary name, then rename: a killed run leaves no half file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _text(img: np.ndarray, s: str, y: int, x: int, scale: int) -> None:
+    for k, ch in enumerate(s):
+        rows = np.array(_FONT.get(ch, (0,) * 7))
+        bits = (rows[:, None] >> np.arange(4, -1, -1)) & 1
+        block = np.kron(bits, np.ones((scale, scale), dtype=int)).astype(bool)
+        xx = x + k * 6 * scale
+        img[y:y + 7 * scale, xx:xx + 5 * scale][block] = 20
+
+
+def _label(seed: int, text: str) -> np.ndarray:
+    """A slide label (463 x 387 like Aperio): fake 2-D barcode plus the identifier text."""
+    img = np.full((463, 387, 3), 248, dtype=np.uint8)
+    code = np.random.default_rng([seed, 14]).random((12, 12)) < 0.5
+    img[40:40 + 240, 73:73 + 240][np.kron(code, np.ones((20, 20), dtype=int)).astype(bool)] = 20
+    _text(img, text, 330, (387 - (len(text) * 6 - 1) * 5) // 2, 5)
+    return img
+
+
+def _nearest(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    iy = (np.arange(rows) * img.shape[0] / rows).astype(int)
+    ix = (np.arange(cols) * img.shape[1] / cols).astype(int)
+    return img[np.ix_(iy, ix)]
+
+
+def _macro(label: np.ndarray, thumb: np.ndarray) -> np.ndarray:
+    """Photo of the whole glass slide (1280 x 431): the label on the left, the tissue right."""
+    img = np.full((431, 1280, 3), 205, dtype=np.uint8)
+    img[20:411, 20:347] = _nearest(np.rot90(label), 391, 327)
+    k = min(391 / thumb.shape[0], 873 / thumb.shape[1])
+    th, tw = max(1, int(thumb.shape[0] * k)), max(1, int(thumb.shape[1] * k))
+    img[20:20 + th, 387:387 + tw] = _nearest(thumb, th, tw)
+    return img
+
+
+def _tiles(render, ds: int, lw: int, lh: int, tile: int):
+    """Level tiles in TIFF order, each rendered on its own from level-0 coordinates."""
+    for ty in range(-(-lh // tile)):
+        for tx in range(-(-lw // tile)):
+            yield render(tx * tile * ds, ty * tile * ds, ds)
+
+
+def _write_slide(path, sc, w, h, mpp, tile, quality, dss, phi, seed, maxworkers):
+    """Aperio page order: level 0, stripped thumbnail, lower levels, label, macro."""
+    mag = round(10 / mpp)
+    fields = (f"|AppMag = {mag}|StripeWidth = 2040|ScanScope ID = SS9999|Filename = {phi[0]}"
+              f"|Date = 01/01/26|Time = 09:30:00|Time Zone = GMT+00:00|User = {phi[1]}"
+              f"|MPP = {mpp}|Left = 25.0|Top = 17.5|OriginalWidth = {w}|OriginalHeight = {h}")
+    jpeg = dict(photometric="rgb", compression="jpeg", metadata=None, maxworkers=maxworkers,
+                compressionargs={"level": quality, "outcolorspace": "rgb"}, subsampling=(1, 1),
+                resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    k = min(1.0, 768 / h, 1024 / w)  # Aperio: 768 px high; keep very wide slides small
+    th, tw = max(1, round(h * k)), max(1, round(w * k))
+    thumb = _render(sc, 0, 0, 1 / k, th, tw)
+    label = _label(seed, phi[0])
+    with tifffile.TiffWriter(path, bigtiff=w * h * 3 > 2**32) as tw_:
+        for i, d in enumerate(dss):
+            lw, lh = w // d, h // d
+            desc = (f"{_LIB}\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}{fields}"
+                    if d == 1 else
+                    f"{_LIB}\r\n{w}x{h} ({tile}x{tile}) -> {lw}x{lh} JPEG/RGB Q={quality}")
+            tiles = _tiles(lambda x, y, d: _render(sc, x, y, d, tile, tile), d, lw, lh, tile)
+            tw_.write(tiles, shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile),
+                      description=desc, **jpeg)
+            if i == 0:
+                tw_.write(thumb, description=f"{_LIB}\n{w}x{h} -> {tw}x{th} - {fields}",
+                          rowsperstrip=16, **jpeg)
+        tw_.write(label, photometric="rgb", compression="lzw", subfiletype=1, metadata=None,
+                  description=f"{_LIB}\nlabel {label.shape[1]}x{label.shape[0]}")
+        macro = _macro(label, thumb)
+        tw_.write(macro, subfiletype=9, rowsperstrip=16,
+                  description=f"{_LIB}\nmacro {macro.shape[1]}x{macro.shape[0]}", **jpeg)
+
+
+def _write_mask(path, tumour, w, h, mpp, tile, dss):
+    """CAMELYON16-style uint8 tumour mask (1 = tumour), deflate tiles, same pyramid."""
+    with tifffile.TiffWriter(path, bigtiff=w * h > 2**32) as tw_:
+        for d in dss:
+            lw, lh = w // d, h // d
+            tiles = _tiles(lambda x, y, d: rasterize_polygons(
+                tumour, (tile, tile), origin=(x, y), downsample=d), d, lw, lh, tile)
+            tw_.write(tiles, shape=(lh, lw), dtype=np.uint8, tile=(tile, tile),
+                      photometric="minisblack", compression="zlib", metadata=None,
+                      subfiletype=0 if d == 1 else 1, resolutionunit="CENTIMETER",
+                      resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)))
+
+
+def _feature(geom_type, coords, name, color):
+    return {"type": "Feature", "geometry": {"type": geom_type, "coordinates": coords},
+            "properties": {"objectType": "annotation",
+                           "classification": {"name": name, "color": color}}}
+
+
+def _ring(p: np.ndarray) -> list:
+    return [[float(x), float(y)] for x, y in np.vstack([p, p[:1]])]
+
+
+def _asap(tumour) -> str:
+    root = ET.Element("ASAP_Annotations")
+    anns = ET.SubElement(root, "Annotations")
+    for i, p in enumerate(tumour):
+        a = ET.SubElement(anns, "Annotation", Name=f"Annotation {i}", Type="Polygon",
+                          PartOfGroup="Tumor", Color="#F4FA58")
+        cs = ET.SubElement(a, "Coordinates")
+        for k, (x, y) in enumerate(p):
+            ET.SubElement(cs, "Coordinate", Order=str(k), X=f"{x:.4f}", Y=f"{y:.4f}")
+    groups = ET.SubElement(root, "AnnotationGroups")
+    g = ET.SubElement(groups, "Group", Name="Tumor", PartOfGroup="None", Color="#ff0000")
+    ET.SubElement(g, "Attributes")
+    ET.indent(root, "\t")
+    return '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _sidecars(truth: SynthTruth) -> None:
+    f = truth.files
+    feats = ([_feature("Polygon", [_ring(p)], "Tumor", [200, 0, 0]) for p in truth.tumour]
+             + [_feature("Polygon", [_ring(p)], "Tissue", [80, 160, 80]) for p in truth.tissue])
+    _write_text(f["tumor_geojson"], json.dumps({"type": "FeatureCollection", "features": feats}))
+    _write_text(f["tumor_xml"], _asap(truth.tumour))
+    _write_text(f["mitoses_csv"], "x,y\n" + "".join(f"{x:.2f},{y:.2f}\n" for x, y in truth.mitoses))
+    pts = [_feature("Point", [float(x), float(y)], "Mitosis", [255, 200, 0])
+           for x, y in truth.mitoses]
+    _write_text(f["mitoses_geojson"], json.dumps({"type": "FeatureCollection", "features": pts}))
+    doc = {"width": truth.width, "height": truth.height, "mpp": truth.mpp, "seed": truth.seed,
+           "tile": truth.tile, "downsamples": list(truth.downsamples), "phi": list(truth.phi),
+           "mitosis_radius_px": truth.mitosis_radius_px, "slide": truth.slide.name,
+           "files": {k: v.name for k, v in f.items()},
+           "tissue": [p.tolist() for p in truth.tissue],
+           "tumour": [p.tolist() for p in truth.tumour], "mitoses": truth.mitoses.tolist()}
+    _write_text(f["truth"], json.dumps(doc))
+
+
+def _sidecar_paths(slide: Path) -> dict[str, Path]:
+    base = slide.with_suffix("")
+    names = {"tumor_mask": ".tumor.tif", "tumor_geojson": ".tumor.geojson",
+             "tumor_xml": ".tumor.xml", "mitoses_csv": ".mitoses.csv",
+             "mitoses_geojson": ".mitoses.geojson", "truth": ".truth.json"}
+    return {k: base.with_name(base.name + v) for k, v in names.items()}
+
+
+def write_synthetic_slide(path, width: int = 8192, height: int = 8192, *, seed: int = 0,
+                          mpp: float = 0.5, tile: int = 256, quality: int = 90,
+                          n_tissue: int = 3, n_tumour: int = 2, n_mitoses: int = 40,
+                          mitosis_radius_um: float = 4.0, blank: bool = False,
+                          maxworkers: int | None = None) -> SynthTruth:
+    """Write ``<stem>.svs`` plus its ground-truth sidecars; return the truth.
+
+    Memory stays flat at any size: every page is streamed tile by tile to tifffile.
+    ``maxworkers`` is passed to tifffile's JPEG encoder threads (None: tifffile decides).
+    """
+    if width < 1 or height < 1 or tile < 16 or tile % 16 or mpp <= 0:
+        raise ValueError("width/height must be positive, tile a multiple of 16, mpp > 0")
+    path = Path(path).with_suffix(".svs")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mpp = float(mpp)
+    rng = np.random.default_rng([seed, 10])
+    rr = mitosis_radius_um / mpp
+    blobs = [] if blank else _tissue(rng, width, height, n_tissue)
+    tissue = [b for b, _ in blobs]
+    tumour = _tumours(rng, blobs, n_tumour)
+    n_in = round(0.75 * n_mitoses) if tumour else 0
+    pts = _points(rng, n_in, tumour, [], tumour, rr, [])
+    pts += _points(rng, n_mitoses - len(pts), tissue, tumour, tissue + tumour, rr, pts)
+    mitoses = np.array(pts, dtype=np.float64).reshape(-1, 2)
+    dss = pyramid_downsamples(width, height, tile)
+    phi = (f"PATIENT-{seed % 10000 + 1:04d}", f"jdoe{seed % 10000 + 1:04d}")
+    truth = SynthTruth(path, width, height, mpp, tissue, tumour, mitoses,
+                       _sidecar_paths(path), seed, tile, phi, tuple(dss), rr)
+    sc = _scene((tissue, tumour, mitoses), seed, mpp, tile, rr)
+    with _atomic(path) as tmp:
+        _write_slide(tmp, sc, width, height, mpp, tile, quality, dss, phi, seed, maxworkers)
+    with _atomic(truth.files["tumor_mask"]) as tmp:
+        _write_mask(tmp, tumour, width, height, mpp, tile, dss)
+    _sidecars(truth)
+    return truth
+
+
+def make_cohort(out_dir, n: int = 4, width: int = 8192, height: int = 8192, seed: int = 0,
+                **kw) -> list[SynthTruth]:
+    """``slide_000.svs`` ... with seeds ``seed + i``: a small multi-slide, multi-patient set."""
+    out = Path(out_dir)
+    return [write_synthetic_slide(out / f"slide_{i:03d}.svs", width, height, seed=seed + i, **kw)
+            for i in range(n)]
+
+
+def load_truth(path) -> SynthTruth:
+    """Reload the truth from ``<stem>.truth.json`` (or from the ``.svs`` next to it)."""
+    path = Path(path)
+    if not path.name.endswith(".truth.json"):
+        path = _sidecar_paths(path.with_suffix(".svs"))["truth"]
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    d = path.parent
+    return SynthTruth(d / doc["slide"], doc["width"], doc["height"], doc["mpp"],
+                      [np.array(p, dtype=np.float64) for p in doc["tissue"]],
+                      [np.array(p, dtype=np.float64) for p in doc["tumour"]],
+                      np.array(doc["mitoses"], dtype=np.float64).reshape(-1, 2),
+                      {k: d / v for k, v in doc["files"].items()}, doc["seed"], doc["tile"],
+                      tuple(doc["phi"]), tuple(doc["downsamples"]), doc["mitosis_radius_px"])

@@ -141,12 +141,17 @@ def pyramid_shapes(info: SlideInfo, base_downsample: float) -> list[tuple[int, i
 
 
 def _downsample2(block: np.ndarray) -> np.ndarray:
-    """2x2 mean of a (c, h, w) block; odd edges repeat their last row/column."""
+    """2x2 mean (rounded) of a (c, h, w) uint8 block; odd edges repeat their last row/column."""
     c, h, w = block.shape
     if h % 2 or w % 2:
         block = np.pad(block, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
-    b = block.reshape(c, block.shape[1] // 2, 2, block.shape[2] // 2, 2).astype(np.uint16)
-    return ((b.sum(axis=(2, 4)) + 2) // 4).astype(np.uint8)
+    acc = block[:, 0::2, 0::2].astype(np.uint16)
+    acc += block[:, 1::2, 0::2]
+    acc += block[:, 0::2, 1::2]
+    acc += block[:, 1::2, 1::2]
+    acc += 2
+    acc >>= 2
+    return acc.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- worker tasks
@@ -268,7 +273,7 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
                 str(i), shape=(3, h, w), dtype="uint8",
                 chunks=(3, min(h, _PYRAMID_CHUNK), min(w, _PYRAMID_CHUNK)),
                 fill_value=255, dimension_names=["c", "y", "x"],
-                **array_codecs("blosc-zstd"),
+                **array_codecs("blosc-lz4"),
             )
     return {
         "slide_id": info.slide_id,
@@ -280,42 +285,60 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     }
 
 
-def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: int) -> int:
-    """Worker task: read tiles [start, stop) from the slide and write their chunks."""
-    import zarr
+def _cut_tiles(slide, level: int, read: int, t: int, lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
+    """Tiles at level coords (lx, ly): one strip read per run of tiles sharing a grid row."""
     from PIL import Image
+
+    batch = np.empty((len(lx), t, t, 3), np.uint8)
+    max_run = max(1, 8192 // read)  # bound a strip's width (memory)
+    i = 0
+    while i < len(lx):
+        j = i + 1
+        while j < len(lx) and ly[j] == ly[i] and j - i < max_run and 0 <= lx[j] - lx[j - 1] <= read:
+            j += 1
+        x_start, width = int(lx[i]), int(lx[j - 1] - lx[i] + read)
+        strip = slide.read(level, x_start, int(ly[i]), width, read)
+        for k in range(i, j):
+            off = int(lx[k] - x_start)
+            patch = strip[:, off : off + read]
+            if read != t:
+                patch = np.asarray(Image.fromarray(patch).resize((t, t), Image.Resampling.BOX))
+            batch[k] = patch
+        i = j
+    return batch
+
+
+def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: int) -> int:
+    """Worker task: read tiles [start, stop) from the slide and write their chunks.
+
+    Chunk k is compressed and written on a helper thread while chunk k+1 is decoded (both
+    release the GIL), with at most one write in flight so memory stays at two chunks.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
 
     root = zarr.open_group(store, mode="r+")
     images = root["tiles/images"]
-    meta = root.attrs["hpcpath"]["tiling"]
-    level, read = meta["level"], meta["read_size"]
-    lds = root.attrs["hpcpath"]["slide"]["level_downsamples"][level]
+    meta = root.attrs["hpcpath"]
+    level, read = meta["tiling"]["level"], meta["tiling"]["read_size"]
+    lds = meta["slide"]["level_downsamples"][level]
     index = root["tiles/index"][start:stop]
     slide = open_slide(slide_path, cfg.reader, cached=True)
-    t = cfg.tile_size
     chunk = images.chunks[0]
-    max_run = max(1, 8192 // read)  # tiles per row segment read at once (bounded memory)
-    for c0 in range(0, len(index), chunk):
-        sub = index[c0 : c0 + chunk]
-        batch = np.empty((len(sub), t, t, 3), np.uint8)
-        # level coordinates of every tile, then one read per run of tiles sharing a row
-        lx = np.round(sub[:, 0] / lds).astype(np.int64)
-        ly = np.round(sub[:, 1] / lds).astype(np.int64)
-        i = 0
-        while i < len(sub):
-            j = i + 1
-            while j < len(sub) and ly[j] == ly[i] and j - i < max_run and lx[j] - lx[j - 1] <= read:
-                j += 1
-            x_start, width = int(lx[i]), int(lx[j - 1] - lx[i] + read)
-            strip = slide.read(level, x_start, int(ly[i]), width, read)
-            for k in range(i, j):
-                off = int(lx[k] - x_start)
-                patch = strip[:, off : off + read]
-                if read != t:
-                    patch = np.asarray(Image.fromarray(patch).resize((t, t), Image.Resampling.BOX))
-                batch[k] = patch
-            i = j
-        images[start + c0 : start + c0 + len(sub)] = batch
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcpath-write") as pool:
+        pending = None
+        for c0 in range(0, len(index), chunk):
+            sub = index[c0 : c0 + chunk]
+            lx = np.round(sub[:, 0] / lds).astype(np.int64)
+            ly = np.round(sub[:, 1] / lds).astype(np.int64)
+            batch = _cut_tiles(slide, level, read, cfg.tile_size, lx, ly)
+            if pending is not None:
+                pending.result()
+            sel = slice(start + c0, start + c0 + len(sub))
+            pending = pool.submit(images.__setitem__, sel, batch)
+        if pending is not None:
+            pending.result()
     return stop - start
 
 
