@@ -1,0 +1,92 @@
+"""Shared fixtures.
+
+Test tiers: pure tests run everywhere; tests that use ``local_slurm`` (marked ``slurm``
+automatically) run against a real Slurm started by ``bin/local-slurm``; tests that use
+``test_data`` read the real slides in ``../shared/data``.  Where such a resource is missing
+the test is skipped with the reason, except under CI (``CI`` set), where it fails: CI must
+run every tier.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = Path(os.environ.get("HPCPATH_SLURM_DIR", "/tmp/hpcpath-slurm"))
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "munged")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def missing_resource(reason: str) -> None:
+    """Skip the test, or fail it under CI, where every tier must run."""
+    if _in_ci():
+        pytest.fail(
+            f"{reason} (CI is set: missing resources fail instead of skipping)", pytrace=False
+        )
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "local_slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> Iterator[dict[str, str]]:
+    """A running local Slurm (started once, reused if already up); yields its environment.
+
+    The daemons keep running after the session, so the next run starts instantly; stop them
+    with ``bin/local-slurm stop``.
+    """
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [b for b in SLURM_BINARIES if shutil.which(b, path=search) is None]
+    if missing:
+        missing_resource(
+            f"Slurm is not installed (no {', '.join(missing)}): "
+            "apt-get install -y slurmctld slurmd slurm-client munge"
+        )
+    proc = subprocess.run(
+        [str(REPO / "bin" / "local-slurm"), "start", str(SLURM_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode:
+        pytest.fail(f"bin/local-slurm start failed:\n{proc.stderr}{proc.stdout}", pytrace=False)
+    env = {"SLURM_CONF": str(SLURM_DIR / "slurm.conf"), "HPCPATH_SLURM_DIR": str(SLURM_DIR)}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[Client]:
+    """A small local Dask cluster (2 worker processes on 127.0.0.1) for the whole session."""
+    from hpcpath.cluster import cluster_client
+
+    with cluster_client({"backend": "local", "n_workers": 2}) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def test_data() -> Path:
+    """The shared real test data (``$HPCPATH_TEST_DATA``, default ``<repo>/../shared/data``)."""
+    path = Path(os.environ.get("HPCPATH_TEST_DATA", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        missing_resource(f"test data not found at {path} (set HPCPATH_TEST_DATA)")
+    return path
