@@ -46,12 +46,11 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
+
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -63,7 +62,8 @@ from pydantic import (
     model_validator,
 )
 
-from hpcpath.errors import ConfigError, HpcpathError
+from hpcpath.config import describe_error, read_yaml
+from hpcpath.errors import ClusterError, ConfigError
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -90,10 +90,6 @@ ENV_VAR = "HPCPATH_CLUSTER"
 _GPUS_PER_WORKER_VAR = "HPCPATH_GPUS_PER_WORKER"
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(infinite|unlimited)$", re.IGNORECASE)
 _ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
-
-
-class ClusterError(HpcpathError, RuntimeError):
-    """A cluster could not be started or reached (no worker arrived, sbatch failed, ...)."""
 
 
 def _check_bytes(value: str) -> str:
@@ -285,22 +281,7 @@ def parse_cluster_spec(
 
 
 def _from_file(path: Path) -> ClusterSpec:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("cluster config file not found", path=str(path)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read cluster config: {exc.strerror}", path=str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"invalid YAML{where}: {problem}", path=str(path)) from None
-    prefix = ""
-    if isinstance(data, Mapping) and "cluster" in data:
-        data, prefix = data["cluster"], "cluster."
+    data, prefix = read_yaml(path, section="cluster")
     return _validate(data, str(path), prefix)
 
 
@@ -321,7 +302,7 @@ def _validate(data: Any, path: str | None, prefix: str) -> ClusterSpec:
 def _first_error(exc: ValidationError, data: Mapping[str, Any], prefix: str) -> str:
     """One line, ``key: message``, for the first of pydantic's errors."""
     err = exc.errors(include_url=False)[0]
-    kind, loc, msg = err["type"], list(err["loc"]), err["msg"]
+    kind, loc = err["type"], list(err["loc"])
     backends = ", ".join(_MODELS)
     if kind == "union_tag_not_found":
         return f"{prefix}backend: missing; expected one of {backends}"
@@ -331,21 +312,13 @@ def _first_error(exc: ValidationError, data: Mapping[str, Any], prefix: str) -> 
         )
     # The discriminated union puts the tag first.
     model = _MODELS[str(loc.pop(0))] if loc and loc[0] in _MODELS else None
-    key = prefix + ".".join(str(part) for part in loc)
     if kind == "extra_forbidden" and model is SlurmSpec and loc[-1] in ("queue", "partition"):
-        msg = "give either partition or queue (the same setting), not both"
-    elif kind == "extra_forbidden" and model is not None:
-        known = sorted(model.model_fields) + (["queue"] if model is SlurmSpec else [])
-        close = get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(known)
-        msg = f"unknown key ({hint})"
-    elif kind == "missing":
-        msg = "required"
-    else:
-        msg = msg.removeprefix("Value error, ").replace("valid tuple", "valid list")
-        if "input" in err and kind not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {err['input']!r})"
-    return f"{key}: {msg}" if key else msg
+        return f"{prefix}{'.'.join(map(str, loc))}: give either partition or queue (the same setting), not both"
+    known = sorted(model.model_fields) + (["queue"] if model is SlurmSpec else []) if model else []
+    line = describe_error({**err, "loc": loc}, known, prefix)
+    if "input" in err and kind not in ("value_error", "assertion_error", "extra_forbidden", "missing"):
+        line = f"{line.replace('valid tuple', 'valid list')} (got {err['input']!r})"
+    return line
 
 
 # --------------------------------------------------------------------------- building

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hpcpath.errors import ConfigError
 
-__all__ = ["TileConfig", "load_model", "read_yaml", "format_validation_error"]
+__all__ = ["TileConfig", "load_model", "read_yaml", "describe_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -83,45 +84,64 @@ class TileConfig(_Frozen):
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "TileConfig":
-        data = read_yaml(path, section="tile") if path else {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return load_model(cls, data, source=str(path) if path else "tile options")
+        data, prefix = read_yaml(path, section="tile") if path else ({}, "")
+        explicit = {k: v for k, v in overrides.items() if v is not None}
+        data.update(explicit)
+        return load_model(cls, data, source=str(path) if path else "tile options", prefix=prefix)
 
 
-def read_yaml(path: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
-    """A YAML mapping from ``path``; the ``section`` sub-mapping when the file has one."""
+def read_yaml(path: str | os.PathLike, section: str | None = None) -> tuple[dict[str, Any], str]:
+    """The mapping in a YAML file, and the key prefix for messages.
+
+    When the file has a ``section`` mapping (``tile:``, ``cluster:``), that sub-mapping is
+    returned with prefix ``"section."`` so errors name the key as the user wrote it.
+    """
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("config file not found", p) from None
-    except (OSError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot read YAML ({first})", p) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", p) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"invalid YAML{where}: {problem}", p) from None
     if data is None:
-        return {}
+        return {}, ""
     if not isinstance(data, dict):
-        raise ConfigError("expected a mapping of option: value", p)
-    if section and isinstance(data.get(section), dict):
-        return dict(data[section])
-    return data
+        raise ConfigError(f"expected a mapping of option: value, got {type(data).__name__}", p)
+    if section and section in data:
+        sub = data[section]
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {type(sub).__name__}", p)
+        return dict(sub), f"{section}."
+    return data, ""
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """The first pydantic error as 'key: message' on one line."""
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown option"
-    msg = msg.removeprefix("Value error, ")
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{loc}: {msg}{extra}" if loc else f"{msg}{extra}"
+def describe_error(err: dict, known: list[str] | None = None, prefix: str = "") -> str:
+    """One pydantic error as ``key: message`` on one line, with a did-you-mean for typos."""
+    loc = [str(x) for x in err["loc"]]
+    key = prefix + ".".join(loc)
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        close = get_close_matches(loc[-1], known or [], n=1) if loc else []
+        msg = f"unknown option (did you mean {close[0]!r}?)" if close else "unknown option"
+    elif kind == "missing":
+        msg = "required"
+    else:
+        msg = msg.removeprefix("Value error, ")
+    return f"{key}: {msg}" if key else msg
 
 
-def load_model(cls: type[M], data: dict[str, Any], source: str) -> M:
+def load_model(cls: type[M], data: dict[str, Any], source: str, prefix: str = "") -> M:
     """Validate ``data`` into ``cls`` or raise a one-line ConfigError naming ``source``."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc), source) from None
+        errors = exc.errors(include_url=False)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(describe_error(errors[0], sorted(cls.model_fields), prefix) + more, source) from None

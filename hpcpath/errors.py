@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "OutputError",
     "NoTissueError",
+    "ClusterError",
 ]
 
 
@@ -46,3 +47,7 @@ class ConfigError(HpcpathError, ValueError):
 
 class OutputError(HpcpathError, OSError):
     """The output location cannot be written."""
+
+
+class ClusterError(HpcpathError, RuntimeError):
+    """A cluster could not be started or reached (no worker arrived, sbatch failed, ...)."""

@@ -33,7 +33,7 @@ from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.store import INDEX_COLUMNS, is_complete, ngff_multiscales, remove_store, store_path
-from hpcpath.tissue import tile_tissue_fraction, tissue_mask
+from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
 __all__ = ["TileGeometry", "tile_geometry", "tile_grid", "tile_slides", "RunResult"]
 
@@ -155,15 +155,15 @@ def _downsample2(block: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- worker tasks
-def _read_scaled_blocked(slide, w: int, h: int, downsample: float, block: int) -> np.ndarray:
-    """The whole slide at ``downsample`` as (h, w, 3), read block by block (flat memory)."""
-    out = np.empty((h, w, 3), np.uint8)
-    for by in range(0, h, block):
-        for bx in range(0, w, block):
-            bw, bh = min(block, w - bx), min(block, h - by)
-            out[by : by + bh, bx : bx + bw] = slide.read_scaled(
-                bx * downsample, by * downsample, bw, bh, downsample
-            )
+def _tissue_channel_blocked(slide, w: int, h: int, downsample: float, method: str) -> np.ndarray:
+    """The slide's uint8 tissue channel at ``downsample``, read block by block: memory is one
+    block of RGB plus one byte per mask pixel, whatever the slide size."""
+    out = np.empty((h, w), np.uint8)
+    for by in range(0, h, _MASK_BLOCK):
+        for bx in range(0, w, _MASK_BLOCK):
+            bw, bh = min(_MASK_BLOCK, w - bx), min(_MASK_BLOCK, h - by)
+            rgb = slide.read_scaled(bx * downsample, by * downsample, bw, bh, downsample)
+            out[by : by + bh, bx : bx + bw] = tissue_channel(rgb, method)
     return out
 
 
@@ -196,9 +196,9 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     mds = max(1.0, cfg.mask_mpp / mpp0) if mpp0 else cfg.mask_downsample
     w0, h0 = info.dimensions
     mw, mh = max(1, math.ceil(w0 / mds)), max(1, math.ceil(h0 / mds))
-    thumb = _read_scaled_blocked(slide, mw, mh, mds, _MASK_BLOCK)
-    mask, threshold = tissue_mask(thumb, method=cfg.tissue_method)
-    del thumb
+    channel = _tissue_channel_blocked(slide, mw, mh, mds, cfg.tissue_method)
+    mask, threshold = threshold_channel(channel, method=cfg.tissue_method)
+    del channel
 
     # Nothing to tile is not a crash: the store is still made (mask, pyramid, metadata,
     # zero tiles) and the reason travels back as a one-line warning.
@@ -290,6 +290,10 @@ def _cut_tiles(slide, level: int, read: int, t: int, lx: np.ndarray, ly: np.ndar
     from PIL import Image
 
     batch = np.empty((len(lx), t, t, 3), np.uint8)
+    if slide.native_tile_size(level) == (read, read) == (t, t) and not (lx % t).any() and not (ly % t).any():
+        for k in range(len(lx)):  # the grid is the file's tile grid: one decode per tile
+            batch[k] = slide.read(level, int(lx[k]), int(ly[k]), t, t)
+        return batch
     max_run = max(1, 8192 // read)  # bound a strip's width (memory)
     i = 0
     while i < len(lx):
@@ -358,16 +362,19 @@ def write_pyramid_base(slide_path: str, store: str, cfg: TileConfig, row0: int, 
 
 
 def write_pyramid_level(store: str, level: int, *_deps: Any) -> int:
-    """Worker task: pyramid level ``level`` from level - 1 by 2x2 means, band by band."""
+    """Worker task: pyramid level ``level`` from level - 1 by 2x2 means, chunk by chunk."""
     import zarr
 
     image = zarr.open_group(store, mode="r+")["image"]
     src, dst = image[str(level - 1)], image[str(level)]
     _, h, w = dst.shape
-    for r0 in range(0, h, _PYRAMID_CHUNK):
-        r1 = min(h, r0 + _PYRAMID_CHUNK)
-        block = src[:, 2 * r0 : 2 * r1, :]
-        dst[:, r0:r1, :] = _downsample2(block)[:, : r1 - r0, :w]
+    step = _PYRAMID_CHUNK
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        for c0 in range(0, w, step):
+            c1 = min(w, c0 + step)
+            block = src[:, 2 * r0 : 2 * r1, 2 * c0 : 2 * c1]
+            dst[:, r0:r1, c0:c1] = _downsample2(block)[:, : r1 - r0, : c1 - c0]
     return h
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["tissue_mask", "tile_tissue_fraction", "Method"]
+__all__ = ["tissue_mask", "tissue_channel", "threshold_channel", "tile_tissue_fraction", "Method"]
 
 Method = Literal["saturation", "od"]
 
@@ -21,18 +21,69 @@ _MIN_SATURATION = 20.0  # of 255
 _MIN_OD = 0.15  # clean glass reads ~0.03-0.10
 
 
-def _saturation(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.float32)
-    mx = rgb.max(axis=-1)
-    mn = rgb.min(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s = np.where(mx > 0, (mx - mn) / mx, 0.0)
-    return s * 255.0
+_OD_SCALE = 100.0  # optical density stored as uint8 hundredths (0..2.55)
 
 
-def _optical_density(rgb: np.ndarray) -> np.ndarray:
-    od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
-    return od.mean(axis=-1)
+def tissue_channel(rgb: np.ndarray, method: Method = "saturation") -> np.ndarray:
+    """The uint8 channel tissue is thresholded on: HSV saturation, or optical density x100.
+
+    uint8 so that a whole-slide channel costs one byte per mask pixel: the tiling stage
+    builds it block by block and never holds a full-resolution or float thumbnail.
+    """
+    rgb = np.asarray(rgb)
+    if method == "saturation":
+        mx = rgb.max(axis=-1).astype(np.uint16)
+        mn = rgb.min(axis=-1).astype(np.uint16)
+        s = ((mx - mn) * 255 + mx // 2) // np.maximum(mx, 1)
+        return s.astype(np.uint8)
+    if method == "od":
+        od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0).mean(axis=-1)
+        return np.clip(np.round(od * _OD_SCALE), 0, 255).astype(np.uint8)
+    raise ValueError(f"unknown tissue method {method!r}")
+
+
+def threshold_channel(
+    channel: np.ndarray,
+    *,
+    method: Method = "saturation",
+    min_object_px: int = 16,
+    closing_radius: int = 2,
+) -> tuple[np.ndarray, float]:
+    """Otsu (from the uint8 histogram) floored, then closing, hole filling, speck removal."""
+    from scipy import ndimage
+    from skimage import morphology
+
+    floor = _MIN_SATURATION if method == "saturation" else _MIN_OD * _OD_SCALE
+    hist = np.bincount(channel.ravel(), minlength=256).astype(np.float64)
+    threshold = max(_otsu_from_hist(hist), floor)
+    mask = channel > threshold
+    if closing_radius > 0 and mask.any():
+        r = closing_radius  # pad so the erosion half of closing does not eat the border
+        padded = np.pad(mask, r, mode="edge")
+        mask = ndimage.binary_closing(padded, morphology.disk(r))[r:-r, r:-r]
+    mask = ndimage.binary_fill_holes(mask)
+    if min_object_px > 0 and mask.any():
+        mask = morphology.remove_small_objects(mask, max_size=min_object_px)
+    value = threshold if method == "saturation" else threshold / _OD_SCALE
+    return mask.astype(bool), float(value)
+
+
+def _otsu_from_hist(hist: np.ndarray) -> float:
+    """Otsu's threshold on a 256-bin histogram (pixels > t are foreground)."""
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    if np.count_nonzero(hist) < 2:
+        return float(np.flatnonzero(hist)[-1])
+    levels = np.arange(hist.size, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    w1 = total - w0
+    m0 = np.cumsum(hist * levels)
+    mu0 = m0 / np.maximum(w0, 1e-12)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    between[w1 == 0] = -1
+    return float(np.argmax(between))
 
 
 def tissue_mask(
@@ -43,29 +94,10 @@ def tissue_mask(
     closing_radius: int = 2,
 ) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of a low-resolution RGB image, and the threshold used."""
-    from skimage import filters, morphology
-    from scipy import ndimage
-
-    if method == "saturation":
-        channel, floor = _saturation(rgb), _MIN_SATURATION
-    elif method == "od":
-        channel, floor = _optical_density(rgb), _MIN_OD
-    else:
-        raise ValueError(f"unknown tissue method {method!r}")
-    if float(channel.max()) - float(channel.min()) < 1e-6:
-        threshold = float(channel.max())
-    else:
-        threshold = float(filters.threshold_otsu(channel))
-    threshold = max(threshold, floor)
-    mask = channel > threshold
-    if closing_radius > 0 and mask.any():
-        r = closing_radius  # pad so the erosion half of closing does not eat the border
-        padded = np.pad(mask, r, mode="edge")
-        mask = ndimage.binary_closing(padded, morphology.disk(r))[r:-r, r:-r]
-    mask = ndimage.binary_fill_holes(mask)
-    if min_object_px > 0 and mask.any():
-        mask = morphology.remove_small_objects(mask, max_size=min_object_px)
-    return mask.astype(bool), threshold
+    return threshold_channel(
+        tissue_channel(rgb, method), method=method,
+        min_object_px=min_object_px, closing_radius=closing_radius,
+    )
 
 
 def tile_tissue_fraction(

@@ -73,7 +73,7 @@ def test_unwritable_output_and_config_typos_are_usage_errors(tmp_path, test_data
     cfg.write_text("tile:\n  tile_size: big\n")
     proc = run("tile", slide, "-o", tmp_path / "o", "--config", cfg)
     _no_traceback(proc)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"hpcpath: error: {cfg}: tile_size: Input should be a valid integer, unable to parse string as an integer"
+    assert proc.returncode == 2 and proc.stderr.strip() == f"hpcpath: error: {cfg}: tile.tile_size: Input should be a valid integer, unable to parse string as an integer"
     proc = run("tile", slide, "-o", tmp_path / "o", "--overlap", "300")
     assert proc.returncode == 2 and "overlap must be smaller than tile_size" in proc.stderr
     proc = run("tile", slide, "-o", tmp_path / "o", "--cluster", tmp_path / "missing.yaml")

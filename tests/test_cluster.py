@@ -92,11 +92,11 @@ def test_typo_key_names_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_cluster_spec(str(path))
     message = str(info.value)
-    assert message == f"{path}: cors: unknown key (did you mean 'cores'?)"
+    assert message == f"{path}: cors: unknown option (did you mean 'cores'?)"
     assert info.value.path == str(path)
     nested = write(tmp_path, "cluster:\n  backend: local\n  n_worker: 2\n", "n.yaml")
     with pytest.raises(
-        ConfigError, match=r"n\.yaml: cluster\.n_worker: unknown key \(did you mean 'n_workers'"
+        ConfigError, match=r"n\.yaml: cluster\.n_worker: unknown option \(did you mean 'n_workers'"
     ):
         parse_cluster_spec(nested)
 
@@ -118,7 +118,7 @@ def test_typo_key_names_file_and_key(tmp_path: Path) -> None:
         ),
         ("cores: 2\n", "backend: missing; expected one of local, slurm, scheduler"),
         ("backend: scheduler\n", "address: required"),
-        ("- local\n", "top level: expected a mapping of cluster settings, got list"),
+        ("- local\n", "expected a mapping of option: value, got list"),
         (
             "backend: slurm\ngpus_per_job: 2\ncores: 1\n",
             "gpus_per_job=2 (a process per GPU) needs cores >= 2",
@@ -141,7 +141,7 @@ def test_bad_values_give_one_line(tmp_path: Path, text: str, expected: str) -> N
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"nope\.yaml: cluster config file not found"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         parse_cluster_spec(str(tmp_path / "nope.yaml"))
 
 

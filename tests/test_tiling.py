@@ -55,7 +55,7 @@ def test_config_validation_is_one_line(tmp_path):
     bad.write_text("tile:\n  tile_sise: 128\n")
     with pytest.raises(ConfigError) as err:
         TileConfig.load(bad)
-    assert str(err.value) == f"{bad}: tile_sise: unknown option"
+    assert str(err.value) == f"{bad}: tile.tile_sise: unknown option (did you mean 'tile_size'?)"
     with pytest.raises(ConfigError, match="overlap must be smaller"):
         TileConfig.load(None, tile_size=64, overlap=64)
     with pytest.raises(ConfigError, match="level or mpp"):

@@ -151,11 +151,21 @@ class _DirectTiff:
                 self._cache.popitem(last=False)
         return tile
 
+    def tile_size(self, level: int) -> tuple[int, int]:
+        page = self._pages[level]
+        return page.tilewidth, page.tilelength
+
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels [y:y+h, x:x+w] of ``level`` (level coordinates, inside the level)."""
         page = self._pages[level]
         tw, th = page.tilewidth, page.tilelength
         ncols = math.ceil(page.imagewidth / tw)
+        if (w, h) == (tw, th) and x % tw == 0 and y % th == 0:
+            # exactly one native tile: decode straight to the caller, no cache, no copy
+            index = (y // th) * ncols + x // tw
+            if page.databytecounts[index]:
+                data = os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
+                return page.decode(data, index, jpegtables=page.jpegtables)[0][0, :, :, :3]
         out = np.empty((h, w, 3), np.uint8)
         for ty in range(y // th, (y + h - 1) // th + 1):
             for tx in range(x // tw, (x + w - 1) // tw + 1):
@@ -237,6 +247,10 @@ class Slide:
 
     def uses_direct(self, level: int) -> bool:
         return self._direct is not None and self._direct.has_level(level)
+
+    def native_tile_size(self, level: int) -> tuple[int, int] | None:
+        """(width, height) of the stored tiles when the direct reader serves ``level``."""
+        return self._direct.tile_size(level) if self.uses_direct(level) else None
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of the region at ``level`` starting at level coords (x, y)."""
