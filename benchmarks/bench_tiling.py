@@ -83,7 +83,8 @@ def run_hpcpath(slide: Path, out: Path, cfg: TileConfig, n_workers: int = 1, rss
     shutil.rmtree(out, ignore_errors=True)
     cluster, client = _cluster(n_workers)
     try:
-        client.submit(lambda: 1).result()  # workers up and warm
+        # long-lived workers in a cohort run have their imports done: warm them the same way
+        client.run(lambda: __import__("hpcpath.tiling") and __import__("skimage.morphology"))
         sampler = RssSampler(client) if rss else None
         t0 = time.perf_counter()
         if sampler:

@@ -4,7 +4,7 @@ Per slide the graph is::
 
     plan (worker): open slide, tissue mask at low resolution, tile grid, create the store
       -> write_tiles[a:b] (workers, one per run of whole chunks)   \\
-      -> write_pyramid_base[band] -> write_pyramid_level[k] ...     > finalize (marker last)
+      -> write_pyramid_base[band] -> write_pyramid_levels           > finalize (marker last)
 
 The driver submits tasks and receives only counts and small metadata, never pixels (the
 PathML design gathers tiles on the driver, which is the bottleneck to avoid).  Every task
@@ -361,21 +361,27 @@ def write_pyramid_base(slide_path: str, store: str, cfg: TileConfig, row0: int, 
     return row1 - row0
 
 
-def write_pyramid_level(store: str, level: int, *_deps: Any) -> int:
-    """Worker task: pyramid level ``level`` from level - 1 by 2x2 means, chunk by chunk."""
+def write_pyramid_levels(store: str, *_deps: Any) -> int:
+    """Worker task: pyramid levels 1.. from the level below by 2x2 means, chunk by chunk.
+
+    One task for all upper levels: together they hold a third of level 0's pixels, and one
+    task saves a scheduler round trip per level on small slides.
+    """
     import zarr
 
     image = zarr.open_group(store, mode="r+")["image"]
-    src, dst = image[str(level - 1)], image[str(level)]
-    _, h, w = dst.shape
+    n = len(image.attrs["ome"]["multiscales"][0]["datasets"])
     step = _PYRAMID_CHUNK
-    for r0 in range(0, h, step):
-        r1 = min(h, r0 + step)
-        for c0 in range(0, w, step):
-            c1 = min(w, c0 + step)
-            block = src[:, 2 * r0 : 2 * r1, 2 * c0 : 2 * c1]
-            dst[:, r0:r1, c0:c1] = _downsample2(block)[:, : r1 - r0, : c1 - c0]
-    return h
+    for level in range(1, n):
+        src, dst = image[str(level - 1)], image[str(level)]
+        _, h, w = dst.shape
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            for c0 in range(0, w, step):
+                c1 = min(w, c0 + step)
+                block = src[:, 2 * r0 : 2 * r1, 2 * c0 : 2 * c1]
+                dst[:, r0:r1, c0:c1] = _downsample2(block)[:, : r1 - r0, : c1 - c0]
+    return n
 
 
 def finalize_store(store: str, n_tiles: int, written: int) -> None:
@@ -446,9 +452,9 @@ def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: st
                           key=f"pyramid0-{sid}-{r}-{key}", pure=False, retries=2)
             for r in range(0, h0, _PYRAMID_CHUNK)
         ]
-        for k in range(1, len(plan["pyramid"])):  # each level waits for the one below
-            prev = [client.submit(write_pyramid_level, store, k, *prev,
-                                  key=f"pyramid{k}-{sid}-{key}", pure=False, retries=2)]
+        if len(plan["pyramid"]) > 1:  # upper levels wait for every band of the base
+            prev = [client.submit(write_pyramid_levels, store, *prev,
+                                  key=f"pyramid-{sid}-{key}", pure=False, retries=2)]
         futures += [(f, "pyramid") for f in prev]
     return futures
 
