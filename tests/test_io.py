@@ -137,3 +137,15 @@ def test_missing_file_and_non_slide_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(SlideError, match="not a whole-slide image"):
         open_slide(tmp_path / "notes.txt")
+
+
+def test_folder_scan_leaves_out_single_channel_masks(tmp_path):
+    import tifffile
+
+    from hpcpath.synth import write_synthetic_slide
+
+    write_synthetic_slide(tmp_path / "case.svs", 1024, 1024, seed=1)
+    assert (tmp_path / "case.tumor.tif").exists()
+    assert [p.name for p in discover_slides([tmp_path])] == ["case.svs"]
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((64, 64, 3), np.uint8))
+    assert [p.name for p in discover_slides([tmp_path])] == ["case.svs", "rgb.tif"]

@@ -1,9 +1,10 @@
 """Turn the paths a user typed into slide sources, one per slide.
 
 A folder is searched (not recursively) for files with slide extensions and for DICOM series
-(sub-folders of .dcm files); a folder that is itself a DICOM series is one slide.  Files named
-explicitly are always tried, whatever their extension, so a non-slide gets a clear error rather
-than being silently skipped.
+(sub-folders of .dcm files); a folder that is itself a DICOM series is one slide.  Single-channel TIFFs in a
+folder are annotation masks and are left out.  Files named explicitly are always tried,
+whatever their extension, so a non-slide gets a clear error rather than being silently
+skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,21 @@ SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
     ".dcm", ".ptif", ".qptiff",
 }
+
+
+def _is_label_mask(path: Path) -> bool:
+    """A single-channel TIFF next to the slides is an annotation mask (CAMELYON's
+    ``tumor_001_mask.tif``, our ``.tumor.tif``), not a slide to tile."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            return page.samplesperpixel == 1 and page.photometric in (0, 1)
+    except Exception:  # noqa: BLE001 - unreadable: let the slide opener report it
+        return False
 
 
 def _is_dicom_series(path: Path) -> bool:
@@ -41,7 +57,8 @@ def discover_slides(inputs: list[str | os.PathLike]) -> list[Path]:
         if path.is_dir() and not _is_dicom_series(path):
             for child in sorted(path.iterdir()):
                 if child.is_file() and child.suffix.lower() in SLIDE_SUFFIXES:
-                    found.append(child)
+                    if not _is_label_mask(child):
+                        found.append(child)
                 elif _is_dicom_series(child):
                     found.append(child)
         else:
