@@ -15,6 +15,7 @@ __all__ = [
     "OutputError",
     "NoTissueError",
     "ClusterError",
+    "MetricError",
 ]
 
 
@@ -51,3 +52,7 @@ class OutputError(HpcpathError, OSError):
 
 class ClusterError(HpcpathError, RuntimeError):
     """A cluster could not be started or reached (no worker arrived, sbatch failed, ...)."""
+
+
+class MetricError(HpcpathError, ValueError):
+    """Inputs a metric cannot be computed from (one class only, bad shapes, NaN scores, ...)."""
