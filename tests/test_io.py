@@ -135,7 +135,7 @@ def test_missing_file_and_non_slide_folder(tmp_path):
     with pytest.raises(SlideError, match="no such file"):
         open_slide(tmp_path / "missing.svs")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(SlideError, match="not a whole-slide image"):
+    with pytest.raises(SlideError, match="not a readable whole-slide image"):
         open_slide(tmp_path / "notes.txt")
 
 

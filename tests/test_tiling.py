@@ -220,3 +220,20 @@ def test_unwritable_output_is_an_output_error(tmp_path, test_data, dask_client):
     with pytest.raises(OutputError) as err:
         tile_slides([test_data / "slides" / "small.svs"], blocker / "out", client=dask_client)
     assert str(err.value).startswith(str(blocker / "out") + ": ")
+
+
+def test_synthetic_phi_never_reaches_store_or_manifest(tmp_path, dask_client):
+    from hpcpath.synth import write_synthetic_slide
+
+    truth = write_synthetic_slide(tmp_path / "slides" / "case.svs", 2048, 2048, seed=4)
+    assert truth.phi  # the generator planted identifiers in the header and label image
+    res = tile_slides([tmp_path / "slides"], tmp_path / "out", TileConfig(), client=dask_client)
+    assert res.ok
+    for p in (tmp_path / "out").rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            for secret in truth.phi:
+                assert secret.encode() not in data, (p, secret)
+            assert b"01/01/26" not in data
+    store = open_store(tmp_path / "out" / "case.zarr")
+    assert set(store.root.group_keys()) == {"image", "tissue", "tiles"}

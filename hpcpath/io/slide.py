@@ -201,7 +201,10 @@ class Slide:
         except Exception as exc:  # noqa: BLE001 - OpenSlide raises several types here
             raise SlideError(f"cannot be read as a slide ({exc})", self.path) from None
         if vendor is None:
-            raise SlideError("not a whole-slide image OpenSlide recognises", self.path)
+            raise SlideError(
+                "not a readable whole-slide image (unknown format, or a corrupt or truncated file)",
+                self.path,
+            )
         try:
             self._osr = openslide.OpenSlide(str(target))
             # Touch the pixels once: corrupt files often open but fail on the first read.
