@@ -63,7 +63,12 @@ def threshold_channel(
         mask = ndimage.binary_closing(padded, morphology.disk(r))[r:-r, r:-r]
     mask = ndimage.binary_fill_holes(mask)
     if min_object_px > 0 and mask.any():
-        mask = morphology.remove_small_objects(mask, max_size=min_object_px)
+        labels, n = ndimage.label(mask, output=np.int32)  # int32: half skimage's int64 labels
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes > min_object_px
+        keep[0] = False
+        mask = keep[labels]
+        del labels
     value = threshold if method == "saturation" else threshold / _OD_SCALE
     return mask.astype(bool), float(value)
 
