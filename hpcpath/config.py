@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hpcpath.errors import ConfigError
 
-__all__ = ["TileConfig", "load_model", "read_yaml", "describe_error"]
+__all__ = ["TileConfig", "DatasetConfig", "SplitConfig", "load_model", "read_yaml", "describe_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -88,6 +88,60 @@ class TileConfig(_Frozen):
         explicit = {k: v for k, v in overrides.items() if v is not None}
         data.update(explicit)
         return load_model(cls, data, source=str(path) if path else "tile options", prefix=prefix)
+
+
+class SplitConfig(_Frozen):
+    """Train/val/test assignment by slide (or patient), stratified, seeded."""
+
+    by: Literal["slide", "patient"] = "slide"
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    patient_table: str | None = Field(None, description="CSV slide_id -> patient_id")
+    stratify: bool = Field(True, description="balance slides with/without positives")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitConfig":
+        if any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ValueError("fractions must be three non-negative numbers summing to 1")
+        if self.by == "patient" and not self.patient_table:
+            raise ValueError("split by patient needs patient_table")
+        return self
+
+
+class DatasetConfig(_Frozen):
+    """How slide stores plus annotations become a labelled patch dataset."""
+
+    name: str = Field("tumor", pattern=r"^[A-Za-z0-9_.-]+$", description="dataset name in the stores")
+    rule: Literal["centre", "fraction", "points"] = "centre"
+    classes: tuple[str, ...] = Field(
+        ("Tumor",), description="annotation classes counted as positive (masks: any value > 0)"
+    )
+    ignore_unknown_classes: bool = Field(
+        True, description="other annotation classes are ignored (False: an error)"
+    )
+    centre_fraction: float = Field(50 / 80, gt=0, le=1, description="centre square / patch side")
+    fraction_threshold: float = Field(0.5, ge=0, le=1, description="fraction rule: positive at >=")
+    label_downsample: float = Field(4.0, ge=1, description="level-0 px per label-raster px")
+    context_downsamples: tuple[float, ...] = Field(
+        (), description="extra patches centred on the same point, this many times coarser"
+    )
+    # point rule (mitoses)
+    jitter_px: float = Field(0.0, ge=0, description="max shift of positive centres, level-0 px")
+    rotations: Literal[0, 4] = 0
+    n_per_point: int = Field(1, ge=1)
+    min_distance_px: float = Field(60.0, gt=0, description="negatives' distance at 0.25 um/px")
+    negatives_per_positive: float | None = Field(
+        None, ge=0, description="subsample negatives to this ratio (seeded); None keeps all"
+    )
+    negatives_per_slide: int = Field(200, ge=0, description="point rule: negative patches per slide")
+    split: SplitConfig = SplitConfig()
+    seed: int = 0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "DatasetConfig":
+        data, prefix = read_yaml(path, section="dataset") if path else ({}, "")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return load_model(cls, data, source=str(path) if path else "dataset options", prefix=prefix)
 
 
 def read_yaml(path: str | os.PathLike, section: str | None = None) -> tuple[dict[str, Any], str]:

@@ -32,6 +32,7 @@ from hpcpath.errors import HpcpathError, OutputError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
+from hpcpath.stage import one_line, run_per_slide
 from hpcpath.store import INDEX_COLUMNS, is_complete, ngff_multiscales, remove_store, store_path
 from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
@@ -430,13 +431,6 @@ def _check_output(out: Path) -> None:
         raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out) from None
 
 
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, HpcpathError):
-        return exc.message
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: str) -> list[tuple[Any, str]]:
     """Tile-writing and pyramid tasks for one planned slide, as (future, kind) pairs."""
     sid, store = plan["slide_id"], plan["store"]
@@ -459,18 +453,6 @@ def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: st
     return futures
 
 
-@dataclass
-class _Pending:
-    """Driver-side bookkeeping for one slide in flight (counts only, never pixels)."""
-
-    path: Path
-    t0: float
-    plan: dict | None = None
-    pending: int = 0
-    written: int = 0
-    error: str | None = None
-
-
 def tile_slides(
     inputs: list[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -485,7 +467,7 @@ def tile_slides(
     bad slide is recorded as failed in the manifest and never stops the others.
     ``on_event(kind, info)`` receives progress events (the CLI draws its progress line).
     """
-    from distributed import as_completed, default_client
+    from distributed import default_client
 
     cfg = cfg or TileConfig()
     client = client or default_client()
@@ -497,6 +479,7 @@ def tile_slides(
     dups = duplicate_ids(paths)
     key = cfg.params_key()
     records: list[SlideRecord] = []
+    sources: dict[str, Path] = {}
 
     def record(rec: SlideRecord) -> None:
         records.append(rec)
@@ -504,24 +487,7 @@ def tile_slides(
         manifest.save()
         emit("slide", {"record": rec})
 
-    def finish(sid: str, run: _Pending) -> None:
-        secs = time.perf_counter() - run.t0
-        plan = run.plan or {}
-        if run.error is None:
-            try:
-                finalize_store(plan["store"], plan["n_tiles"], run.written)
-            except Exception as exc:  # noqa: BLE001
-                run.error = _one_line(exc)
-        if run.error is not None:
-            record(SlideRecord.failure(sid, run.path, run.error, secs))
-        elif plan.get("empty_reason"):
-            record(SlideRecord(sid, str(run.path), "empty", 0, secs, plan["empty_reason"], key))
-        else:
-            record(SlideRecord(sid, str(run.path), "complete", plan["n_tiles"], secs, None, key))
-
-    ac = as_completed()
-    runs: dict[str, _Pending] = {}
-    owner: dict[Any, tuple[str, str]] = {}
+    plans: dict[str, tuple[Callable, tuple]] = {}
     for p in paths:
         sid = slide_id_for(p)
         if sid in dups:
@@ -533,38 +499,31 @@ def tile_slides(
             status = prev.status if prev and prev.status == "empty" else "complete"
             record(SlideRecord(sid, str(p), status, tiles, 0.0, prev.error if prev else None, key, reused=True))
             continue
-        fut = client.submit(plan_slide, str(p), str(out), cfg, key=f"plan-{sid}-{key}", pure=False)
-        runs[sid] = _Pending(p, time.perf_counter())
-        owner[fut] = (sid, "plan")
-        ac.add(fut)
-    emit("start", {"slides": len(paths), "submitted": len(runs)})
+        sources[sid] = p
+        plans[sid] = (plan_slide, (str(p), str(out), cfg))
+    emit("start", {"slides": len(paths), "submitted": len(plans)})
 
-    for fut in ac:
-        sid, kind = owner.pop(fut)
-        run = runs[sid]
-        if kind == "plan":
+    def expand(sid: str, plan: dict) -> list:
+        emit("plan", {"slide_id": sid, "n_tiles": plan["n_tiles"]})
+        return _submit_slide_tasks(client, cfg, sources[sid], plan, key)
+
+    def finish(sid: str, o) -> None:
+        p = sources[sid]
+        if o.error is None:
             try:
-                plan = fut.result()
-                if "error" in plan:
-                    raise SlideError(plan["error"], run.path)
-            except Exception as exc:  # noqa: BLE001 - per-slide failure, the run goes on
-                record(SlideRecord.failure(sid, run.path, _one_line(exc), time.perf_counter() - run.t0))
-                continue
-            run.plan = plan
-            emit("plan", {"slide_id": sid, "n_tiles": plan["n_tiles"]})
-            for f, k in _submit_slide_tasks(client, cfg, run.path, plan, key):
-                owner[f] = (sid, k)
-                ac.add(f)
-                run.pending += 1
-        else:
-            run.pending -= 1
-            try:
-                n = fut.result()
-                if kind == "tiles":
-                    run.written += n
-                    emit("tiles", {"slide_id": sid, "n": n})
+                finalize_store(o.plan["store"], o.plan["n_tiles"], o.sums.get("tiles", 0))
             except Exception as exc:  # noqa: BLE001
-                run.error = run.error or _one_line(exc)
-        if run.plan is not None and run.pending == 0:
-            finish(sid, run)
+                o.error = one_line(exc)
+        if o.error is not None:
+            record(SlideRecord.failure(sid, p, o.error, o.seconds))
+        elif o.plan.get("empty_reason"):
+            record(SlideRecord(sid, str(p), "empty", 0, o.seconds, o.plan["empty_reason"], key))
+        else:
+            record(SlideRecord(sid, str(p), "complete", o.plan["n_tiles"], o.seconds, None, key))
+
+    def on_task(sid: str, kind: str, n: int) -> None:
+        if kind == "tiles":
+            emit("tiles", {"slide_id": sid, "n": n})
+
+    run_per_slide(client, plans, expand, finish, key=key, on_task=on_task)
     return RunResult(out, records, manifest.path)

@@ -1,0 +1,95 @@
+"""The driver loop every per-slide stage shares: plan on a worker, fan out, finish.
+
+For each slide a *plan* task runs on a worker and returns a small dict (sizes, never
+pixels).  ``expand(slide_id, plan)`` then submits that slide's follow-up tasks; when all of
+them are done, ``finish(slide_id, outcome)`` is called once, on the driver, with the summed
+integer results per task kind or the first error.  One slide's failure never touches the
+others.  Tiling and dataset building are both this loop with different tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from hpcpath.errors import HpcpathError
+
+__all__ = ["Outcome", "run_per_slide", "one_line"]
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: the message of our errors, ``Type: first line`` otherwise."""
+    if isinstance(exc, HpcpathError):
+        return exc.message
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@dataclass
+class Outcome:
+    """What the driver knows of one slide: its plan, per-kind sums, first error, seconds."""
+
+    plan: dict | None = None
+    sums: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    pending: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def run_per_slide(
+    client,
+    plans: dict[str, tuple[Callable, tuple]],
+    expand: Callable[[str, dict], list[tuple[Any, str]]],
+    finish: Callable[[str, Outcome], None],
+    *,
+    key: str = "",
+    on_task: Callable[[str, str, int], None] | None = None,
+) -> None:
+    """Run every slide's plan, its expanded tasks, then ``finish``.
+
+    A plan returning ``{"error": msg}`` (a user problem reported as a value, so workers log
+    no traceback) or raising fails that slide; so does any follow-up task that raises.
+    """
+    from distributed import as_completed
+
+    ac = as_completed()
+    owner: dict[Any, tuple[str, str]] = {}
+    outcomes: dict[str, Outcome] = {}
+    for sid, (fn, args) in plans.items():
+        fut = client.submit(fn, *args, key=f"plan-{sid}-{key}", pure=False)
+        owner[fut] = (sid, "plan")
+        outcomes[sid] = Outcome()
+        ac.add(fut)
+
+    for fut in ac:
+        sid, kind = owner.pop(fut)
+        out = outcomes[sid]
+        if kind == "plan":
+            try:
+                plan = fut.result()
+                if "error" in plan:
+                    raise HpcpathError(plan["error"])
+            except Exception as exc:  # noqa: BLE001 - per-slide failure, the run goes on
+                out.error = one_line(exc)
+                out.seconds = time.perf_counter() - out.t0
+                finish(sid, out)
+                continue
+            out.plan = plan
+            for f, k in expand(sid, plan):
+                owner[f] = (sid, k)
+                ac.add(f)
+                out.pending += 1
+        else:
+            out.pending -= 1
+            try:
+                n = fut.result()
+                out.sums[kind] = out.sums.get(kind, 0) + int(n)
+                if on_task:
+                    on_task(sid, kind, int(n))
+            except Exception as exc:  # noqa: BLE001
+                out.error = out.error or one_line(exc)
+        if out.plan is not None and out.pending == 0:
+            out.seconds = time.perf_counter() - out.t0
+            finish(sid, out)
