@@ -16,6 +16,7 @@ __all__ = [
     "NoTissueError",
     "ClusterError",
     "MetricError",
+    "AnnotationError",
 ]
 
 
@@ -56,3 +57,11 @@ class ClusterError(HpcpathError, RuntimeError):
 
 class MetricError(HpcpathError, ValueError):
     """Inputs a metric cannot be computed from (one class only, bad shapes, NaN scores, ...)."""
+
+
+class AnnotationError(HpcpathError, ValueError):
+    """An annotation, mask or label file cannot be used as it is (malformed, empty, unknown
+    class, no matching slide).  ``str`` is one line: ``FILE: element: reason``."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(" ".join(str(message).split()), None if path is None else str(path))

@@ -1,0 +1,114 @@
+"""GeoJSON as QuPath exports it: a ``FeatureCollection``, a bare list of features, or one
+``Feature`` (a bare geometry is accepted too).
+
+Areas: ``Polygon`` (outer ring, then holes) and ``MultiPolygon`` (one region per polygon).
+Points: ``Point``, ``MultiPoint``.  ``LineString``/``MultiLineString`` enclose no area, so
+they are skipped with a warning.  The class is ``properties.classification.name`` (QuPath);
+unclassified objects get :data:`UNCLASSIFIED`.  For QuPath cells, ``geometry`` is the cell
+boundary (``nucleusGeometry`` is ignored).  Coordinates are level-0 pixels; a third (z)
+coordinate is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hpcpath.annotations._errors import fail, warn
+from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, Region
+
+__all__ = ["read_geojson"]
+
+_GEOMETRIES = {"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
+               "MultiPolygon", "GeometryCollection"}
+
+
+def _features(doc, src: str) -> list:
+    if isinstance(doc, list):
+        return doc
+    if isinstance(doc, dict):
+        kind = doc.get("type")
+        if kind == "FeatureCollection":
+            feats = doc.get("features")
+            if not isinstance(feats, list):
+                raise fail(src, "FeatureCollection", '"features" must be a list')
+            return feats
+        if kind == "Feature":
+            return [doc]
+        if kind in _GEOMETRIES:
+            return [{"type": "Feature", "geometry": doc, "properties": {}}]
+    raise fail(src, "top level", "not a GeoJSON FeatureCollection, Feature or list of features")
+
+
+def _label(props) -> str:
+    c = props.get("classification") if isinstance(props, dict) else None
+    if isinstance(c, dict):
+        c = c.get("name") or (": ".join(c["names"]) if isinstance(c.get("names"), list) else None)
+    return c if isinstance(c, str) and c.strip() else UNCLASSIFIED
+
+
+def _positions(ring, src: str, element: str) -> np.ndarray:
+    try:
+        return np.array([[float(p[0]), float(p[1])] for p in ring], dtype=np.float64
+                        ).reshape(-1, 2)
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise fail(src, element, "coordinates must be lists of [x, y] numbers") from None
+
+
+def _position(p, src: str, element: str) -> tuple[float, float]:
+    (x, y), = _positions([p], src, element)
+    return float(x), float(y)
+
+
+def _polygon(coords, label: str, src: str, element: str) -> Region:
+    if not isinstance(coords, list) or not all(isinstance(r, list) for r in coords):
+        raise fail(src, element, "Polygon coordinates must be a list of rings")
+    if not coords:
+        raise fail(src, element, "empty polygon: no rings")
+    return Region(tuple(_positions(r, src, element) for r in coords), label, src, element)
+
+
+def _geometry(geom, label: str, src: str, element: str, out: AnnotationSet) -> None:
+    if not isinstance(geom, dict):
+        raise fail(src, element, "geometry must be a JSON object")
+    kind = geom.get("type")
+    if kind == "GeometryCollection":
+        for k, g in enumerate(geom.get("geometries") or []):
+            _geometry(g, label, src, f"{element} geometry {k}", out)
+        return
+    if kind not in _GEOMETRIES:
+        raise fail(src, element, f"unknown geometry type {kind!r}")
+    coords = geom.get("coordinates")
+    if coords is None:
+        raise fail(src, element, f"{kind} has no coordinates")
+    if kind == "Polygon":
+        out.regions.append(_polygon(coords, label, src, element))
+    elif kind == "MultiPolygon":
+        if not isinstance(coords, list):
+            raise fail(src, element, "MultiPolygon coordinates must be a list of polygons")
+        for k, poly in enumerate(coords):
+            out.regions.append(_polygon(poly, label, src, f"{element} polygon {k}"))
+    elif kind == "Point":
+        out.points.append(Point(*_position(coords, src, element), label, src, element))
+    elif kind == "MultiPoint":
+        for k, (x, y) in enumerate(_positions(coords, src, element)):
+            out.points.append(Point(float(x), float(y), label, src, f"{element} point {k}"))
+    else:
+        warn(out.warnings, src, element, f"{kind} is not an area, skipped")
+
+
+def read_geojson(doc, path) -> AnnotationSet:
+    """Regions and points of a decoded GeoJSON document."""
+    src = os.fspath(path)
+    out = AnnotationSet()
+    for i, feat in enumerate(_features(doc, src)):
+        element = f"feature {i}"
+        if not isinstance(feat, dict):
+            raise fail(src, element, "a feature must be a JSON object")
+        geom = feat.get("geometry")
+        if geom is None:
+            warn(out.warnings, src, element, "no geometry, skipped")
+            continue
+        _geometry(geom, _label(feat.get("properties")), src, element, out)
+    return out
