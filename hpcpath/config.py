@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hpcpath.errors import ConfigError
 
-__all__ = ["TileConfig", "DatasetConfig", "SplitConfig", "load_model", "read_yaml", "describe_error"]
+__all__ = ["TileConfig", "DatasetConfig", "AugmentConfig", "SplitConfig", "load_model", "read_yaml", "describe_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -88,6 +88,17 @@ class TileConfig(_Frozen):
         explicit = {k: v for k, v in overrides.items() if v is not None}
         data.update(explicit)
         return load_model(cls, data, source=str(path) if path else "tile options", prefix=prefix)
+
+
+class AugmentConfig(_Frozen):
+    """Colour and geometry augmentation (the CAMELYON / mitosis training recipes)."""
+
+    rotate90: bool = True
+    flip: bool = True
+    brightness: float = Field(64 / 255, ge=0, le=1, description="max additive brightness shift")
+    saturation: tuple[float, float] = (0.75, 1.0)
+    hue: float = Field(0.04, ge=0, le=0.5, description="max hue shift")
+    contrast: tuple[float, float] = (0.5, 1.0)
 
 
 class SplitConfig(_Frozen):

@@ -38,9 +38,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcpath.cli import info, synth, tile
+    from hpcpath.cli import dataset, info, synth, tile
 
     cli.add_command(tile.tile)
+    cli.add_command(dataset.dataset)
     cli.add_command(synth.synth)
     cli.add_command(info.info)
 

@@ -1,0 +1,99 @@
+"""``hpcpath dataset``: build labelled patch datasets and describe them."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hpcpath.cli.common import cluster_options
+
+
+@click.group()
+def dataset():
+    """Labelled patch datasets from slide stores and annotations."""
+
+
+@dataset.command("build")
+@click.argument("stores", nargs=-1, required=True, metavar="STORE_OR_DIR...")
+@click.option("-a", "--annotations", "annotations", multiple=True, type=click.Path(),
+              help="Annotation files or folders (masks, ASAP/Aperio XML, GeoJSON, point CSV); "
+                   "matched to slides by file name.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Dataset manifest (.json) to write.")
+@click.option("--config", "config_file", type=click.Path(), help="YAML with dataset options (top level or under 'dataset:').")
+@click.option("--name", help="Dataset name inside the stores [tumor].")
+@click.option("--rule", type=click.Choice(["centre", "fraction", "points"]), help="Labelling rule [centre].")
+@click.option("--class", "classes", multiple=True, help="Positive annotation class (repeatable) [Tumor].")
+@click.option("--centre-fraction", type=float, help="Centre square side / patch side [0.625 = 50/80].")
+@click.option("--context", "context", multiple=True, type=float, help="Context patch downsample factor (repeatable), e.g. 4.")
+@click.option("--jitter", "jitter_px", type=float, help="Points rule: max jitter of positive centres (level-0 px).")
+@click.option("--rotations", type=click.Choice(["0", "4"]), help="Points rule: 4 quarter-turn copies per positive.")
+@click.option("--negatives-per-slide", type=int, help="Points rule: negative patches per slide [200].")
+@click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides.")
+@click.option("--seed", type=int)
+@cluster_options
+def build(stores, annotations, out, config_file, name, rule, classes, centre_fraction, context,
+          jitter_px, rotations, negatives_per_slide, slide_dirs, seed, cluster, workers):
+    """Label every tile (or point-centred patch) of the STORES and write a dataset manifest."""
+    from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
+    from hpcpath.config import DatasetConfig
+    from hpcpath.dataset import build_dataset
+
+    cfg = DatasetConfig.load(
+        config_file, name=name, rule=rule, classes=tuple(classes) or None,
+        centre_fraction=centre_fraction, context_downsamples=tuple(context) or None,
+        jitter_px=jitter_px, rotations=int(rotations) if rotations else None,
+        negatives_per_slide=negatives_per_slide, seed=seed,
+    )
+
+    def report(kind, info):
+        if kind == "failed":
+            click.echo(f"hpcpath: {info['slide_id']}: {info['error']}", err=True)
+
+    with cluster_client(parse_cluster_spec(cluster), n_workers_override=workers) as client:
+        click.echo(f"hpcpath: dashboard {dashboard_link(client)}", err=True)
+        res = build_dataset(list(stores), list(annotations), out, cfg, slide_dirs=list(slide_dirs),
+                            client=client, on_event=report)
+    click.echo(f"hpcpath: dataset {res.manifest}: {len(res.slides)} slides, {len(res.failed)} failed", err=True)
+    _print_info(res.manifest)
+    if res.failed:
+        sys.exit(1)
+
+
+@dataset.command("images")
+@click.option("--csv", "csv", required=True, type=click.Path(), help="ChestX-ray14-style Data_Entry CSV.")
+@click.option("--images", "image_dir", required=True, type=click.Path(), help="Folder with the images.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output folder.")
+@click.option("--name", default="cxr", show_default=True)
+@click.option("--size", default=224, show_default=True, help="Images are resized to SIZE x SIZE.")
+@click.option("--class", "classes", multiple=True, help="Class list (default: the 14 ChestX-ray14 findings).")
+@click.option("--seed", default=0, show_default=True)
+@cluster_options
+def images(csv, image_dir, out, name, size, classes, seed, cluster, workers):
+    """An image folder + multi-label CSV as a dataset, split by patient."""
+    from hpcpath.cluster import cluster_client, parse_cluster_spec
+    from hpcpath.dataset import build_image_dataset
+
+    with cluster_client(parse_cluster_spec(cluster), n_workers_override=workers) as client:
+        path = build_image_dataset(csv, image_dir, out, name=name, classes=classes or None,
+                                   size=size, seed=seed, client=client)
+    _print_info(path)
+
+
+@dataset.command("info")
+@click.argument("manifest", type=click.Path())
+def info(manifest):
+    """Items per class and split."""
+    _print_info(manifest)
+
+
+def _print_info(manifest) -> None:
+    from hpcpath.dataset import open_dataset
+
+    ds = open_dataset(manifest)
+    counts = ds.class_counts()
+    cols = list(next(iter(counts.values())).keys())
+    click.echo(f"dataset {ds.name}: {len(ds.slide_ids)} slides/stores, {len(ds)} items")
+    click.echo(f"{'split':<7}" + "".join(f"{c:>14}" for c in cols))
+    for split, row in counts.items():
+        click.echo(f"{split:<7}" + "".join(f"{row[c]:>14}" for c in cols))

@@ -1,0 +1,359 @@
+"""Slide stores + annotations -> labelled patch datasets, on the Dask cluster.
+
+Per slide (worker tasks; the driver sees counts only):
+
+    label_slide:  annotations for this slide -> labels (and fractions) for every tile of the
+                  store (centre / fraction rules), or point-centred positive and distant
+                  negative patches (points rule); creates ``datasets/<name>/`` in the store
+      -> write_patches[a:b]: patch pixels (points rule) and multi-scale context patches,
+                  each read from the slide at the patch's centre
+      -> finish:  ``datasets/<name>`` marked complete, last
+
+Then the driver assigns splits by slide (or patient) and writes the dataset manifest, a
+small JSON file that references the stores: the one thing the reader opens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hpcpath.config import DatasetConfig
+from hpcpath.errors import HpcpathError, OutputError
+from hpcpath.manifest import MANIFEST_NAME
+from hpcpath.stage import run_per_slide
+
+__all__ = ["build_dataset", "DatasetBuildResult", "find_stores"]
+
+DATASET_FORMAT = "hpcpath-dataset/1"
+_BLOCK = 2048  # label-raster pixels per block side
+_MASK_SUFFIXES = (".tif", ".tiff")
+
+
+def find_stores(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Slide stores named directly or found (one level deep) in folders."""
+    out: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.suffix == ".zarr":
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(c for c in p.iterdir() if c.suffix == ".zarr" and c.is_dir()))
+        else:
+            raise HpcpathError("not a slide store (.zarr) or a folder of them", p)
+    return out
+
+
+def _slide_source(store: Path, meta: dict, slide_dirs: list[Path]) -> Path | None:
+    """The slide file a store was made from: from ``--slides`` folders, else the tiling
+    manifest next to the store (stores keep only the file name, for privacy)."""
+    name = meta["slide"]["source_name"]
+    for d in slide_dirs:
+        if (d / name).exists():
+            return d / name
+    manifest = store.parent / MANIFEST_NAME
+    if manifest.exists():
+        rec = json.loads(manifest.read_text()).get("slides", {}).get(meta["slide"]["slide_id"])
+        if rec and Path(rec["source"]).exists():
+            return Path(rec["source"])
+    return None
+
+
+# ----------------------------------------------------------------------------- worker side
+def _tile_boxes(index: np.ndarray, tile_side0: float) -> np.ndarray:
+    n = len(index)
+    return np.stack(
+        [index[:, 0], index[:, 1], np.full(n, tile_side0), np.full(n, tile_side0)], 1
+    ).astype(np.float64)
+
+
+def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
+    """Per-tile (centre label, region fraction) from masks and polygons, block by block so
+    memory stays bounded by one block of the label raster."""
+    from hpcpath.annotations import AnnotationSet, MaskAnnotation, read_annotations
+    from hpcpath.labels import centre_labels, region_fraction
+
+    dims = tuple(store_meta["slide"]["level_dimensions"][0])
+    side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
+    masks, regions = [], AnnotationSet()
+    for f in ann_files:
+        if Path(f).suffix.lower() in _MASK_SUFFIXES:
+            masks.append(MaskAnnotation(f, dims))
+        else:
+            a = read_annotations(f).clip(*dims)
+            if not cfg.ignore_unknown_classes:
+                a.validate(set(cfg.classes) | {lbl for lbl in a.labels() if lbl in cfg.classes})
+                unknown = sorted(set(lbl for lbl in a.labels() if lbl not in cfg.classes))
+                if unknown:
+                    raise HpcpathError(f"unknown class {unknown[0]!r} (known: {', '.join(cfg.classes)})", f)
+            regions = AnnotationSet.concat([regions, a.filter(cfg.classes)])
+    ld = cfg.label_downsample
+    boxes = _tile_boxes(index, side)
+    labels = np.zeros(len(index), np.uint8)
+    fraction = np.zeros(len(index), np.float32)
+    if not len(index):
+        return labels, fraction
+    step = _BLOCK * ld
+    bx, by = (index[:, 0] // step).astype(np.int64), (index[:, 1] // step).astype(np.int64)
+    for key in np.unique(by * (1 << 20) + bx):
+        sel = np.flatnonzero(by * (1 << 20) + bx == key)
+        # raster origin on the label grid (so every block samples the same pixel centres)
+        x0 = math.floor(boxes[sel, 0].min() / ld) * ld
+        y0 = math.floor(boxes[sel, 1].min() / ld) * ld
+        w = int(math.ceil((boxes[sel, 0].max() + side - x0) / ld))
+        h = int(math.ceil((boxes[sel, 1].max() + side - y0) / ld))
+        raster = np.zeros((h, w), bool)
+        for m in masks:
+            raster |= m.read_region(x0, y0, w, h, ld) > 0
+        if regions.regions:
+            raster |= regions.rasterize((h, w), origin=(x0, y0), downsample=ld) > 0
+        fraction[sel] = region_fraction(raster, ld, boxes[sel], origin=(x0, y0))
+        labels[sel] = centre_labels(raster, ld, boxes[sel], centre_fraction=cfg.centre_fraction,
+                                    origin=(x0, y0))
+    for m in masks:
+        m.close()
+    if cfg.rule == "fraction":
+        labels = (fraction >= cfg.fraction_threshold).astype(np.uint8)
+    return labels, fraction
+
+
+def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
+    """Positive centres on annotated points (jittered, rotated) and negative centres drawn
+    from tissue-tile centres at least D from every point."""
+    from hpcpath.annotations import UNCLASSIFIED, AnnotationSet, read_annotations
+    from hpcpath.labels import negative_centres, point_patches, scaled_distance
+
+    pts = AnnotationSet.concat([read_annotations(f) for f in ann_files])
+    keep = set(cfg.classes) | {UNCLASSIFIED}
+    xy = np.array([[p.x, p.y] for p in pts.points if p.label in keep], np.float64).reshape(-1, 2)
+    side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
+    pos = point_patches(xy, patch_px=side, jitter_px=cfg.jitter_px, rotations=cfg.rotations,
+                        n_per_point=cfg.n_per_point, seed=cfg.seed)
+    mpp = store_meta["slide"]["mpp"]
+    dist = scaled_distance(cfg.min_distance_px, mpp[0]) if mpp else cfg.min_distance_px
+    cands = index[:, :2].astype(np.float64) + side / 2
+    neg = negative_centres(cands, xy, min_distance_px=dist, n=cfg.negatives_per_slide, seed=cfg.seed)
+    centres = np.concatenate([pos.centres, neg]).reshape(-1, 2)
+    labels = np.concatenate([np.ones(len(pos.centres), np.uint8), np.zeros(len(neg), np.uint8)])
+    rot = np.concatenate([np.asarray(pos.quarter_turns, np.int8).reshape(-1), np.zeros(len(neg), np.int8)])
+    return centres, labels, rot, float(dist)
+
+
+def label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: int) -> dict[str, Any]:
+    """Worker task: labels for one store; creates ``datasets/<name>`` (not yet complete)."""
+    try:
+        return _label_slide(store, ann_files, cfg, chunk)
+    except HpcpathError as exc:
+        return {"error": str(exc)}
+
+
+def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: int) -> dict[str, Any]:
+    import zarr
+
+    from hpcpath.codecs import array_codecs
+
+    root = zarr.open_group(store, mode="r+")
+    meta = dict(root.attrs["hpcpath"])
+    index = root["tiles/index"][:]
+    t = meta["tiling"]["tile_size"]
+    side = t * meta["tiling"]["downsample"]
+    extra: dict[str, Any] = {}
+    if cfg.rule == "points":
+        centres, labels, rot, dist = _point_items(meta, index, ann_files, cfg)
+        item_index = np.full(len(centres), -1, np.int64)
+        fraction = None
+        extra["min_distance_px"] = dist
+    else:
+        labels, fraction = _region_labels(meta, index, ann_files, cfg)
+        centres = index[:, :2].astype(np.float64) + side / 2
+        item_index = np.arange(len(index), dtype=np.int64)
+        rot = np.zeros(len(index), np.int8)
+    k = len(labels)
+    ds_group = root.require_group("datasets")
+    if cfg.name in ds_group:
+        del ds_group[cfg.name]
+    g = ds_group.create_group(cfg.name)
+    g.attrs["hpcpath_dataset"] = {
+        "complete": False, "rule": cfg.rule, "classes": list(cfg.classes),
+        "config": cfg.model_dump(mode="json"), "items": k, "positives": int(labels.sum()),
+        "source": "patches" if cfg.rule == "points" else "tiles",
+        "patch_downsample": meta["tiling"]["downsample"], "patch_size": t, **extra,
+    }
+    c = max(1, min(k, 65536))
+    g.create_array("labels", data=labels, chunks=(c,))
+    g.create_array("centres", data=centres.reshape(-1, 2), chunks=(c, 2))
+    g.create_array("item_index", data=item_index, chunks=(c,))
+    g.create_array("rotation", data=rot, chunks=(c,))
+    if fraction is not None:
+        g.create_array("fraction", data=fraction, chunks=(c,))
+    image_arrays = (["images"] if cfg.rule == "points" else []) + [
+        f"context/{r:g}" for r in cfg.context_downsamples
+    ]
+    for name in image_arrays:
+        g.create_array(
+            name, shape=(k, t, t, 3), dtype="uint8", chunks=(max(1, min(chunk, k)), t, t, 3),
+            fill_value=0, config={"write_empty_chunks": True}, **array_codecs("blosc-lz4"),
+        )
+    return {"items": k, "positives": int(labels.sum()), "image_arrays": image_arrays}
+
+
+def write_patches(store: str, slide_path: str, name: str, array: str, start: int, stop: int) -> int:
+    """Worker task: patch pixels [start, stop) of ``array`` ("images" or "context/<r>"),
+    each a T x T read centred on the item's level-0 centre."""
+    import zarr
+
+    from hpcpath.io import open_slide
+
+    root = zarr.open_group(store, mode="r+")
+    g = root[f"datasets/{name}"]
+    info = g.attrs["hpcpath_dataset"]
+    t, ds = info["patch_size"], info["patch_downsample"]
+    if array != "images":
+        ds = ds * float(array.split("/", 1)[1])
+    centres = g["centres"][start:stop]
+    slide = open_slide(slide_path, cached=True)
+    out = np.empty((len(centres), t, t, 3), np.uint8)
+    for i, (cx, cy) in enumerate(centres):
+        out[i] = slide.read_scaled(cx - t * ds / 2, cy - t * ds / 2, t, t, ds)
+    g[array][start:stop] = out
+    return stop - start
+
+
+def finish_dataset(store: str, name: str) -> None:
+    import zarr
+
+    g = zarr.open_group(store, mode="r+")[f"datasets/{name}"]
+    info = dict(g.attrs["hpcpath_dataset"])
+    info["complete"] = True
+    g.attrs["hpcpath_dataset"] = info
+
+
+# ----------------------------------------------------------------------------- driver
+@dataclass
+class DatasetBuildResult:
+    manifest: Path
+    slides: dict[str, dict]
+    failed: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _patients(cfg: DatasetConfig, slide_ids: list[str]) -> dict[str, str]:
+    if cfg.split.by != "patient":
+        return {s: s for s in slide_ids}
+    from hpcpath.annotations import read_label_table
+
+    table = read_label_table(cfg.split.patient_table)
+    missing = [s for s in slide_ids if s not in table]
+    if missing:
+        raise HpcpathError(f"no patient for slide {missing[0]!r}", cfg.split.patient_table)
+    return {s: str(table[s]) for s in slide_ids}
+
+
+def build_dataset(
+    stores: list[str | os.PathLike],
+    annotations: list[str | os.PathLike],
+    out: str | os.PathLike,
+    cfg: DatasetConfig | None = None,
+    *,
+    slide_dirs: list[str | os.PathLike] = (),
+    client=None,
+    on_event: Callable[[str, dict], None] | None = None,
+    chunk: int = 64,
+) -> DatasetBuildResult:
+    """Label every store, add context/patch pixels, split, and write the manifest ``out``."""
+    from distributed import default_client
+
+    from hpcpath.annotations import match_annotations
+    from hpcpath.labels import split_groups
+    from hpcpath.store import open_store
+
+    cfg = cfg or DatasetConfig()
+    client = client or default_client()
+    emit = on_event or (lambda kind, info: None)
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder ({exc.strerror})", out.parent) from None
+    paths = find_stores(stores)
+    metas = {p: open_store(p).meta for p in paths}  # complete stores only (refuses partial)
+    by_id = {m["slide"]["slide_id"]: p for p, m in metas.items()}
+    ann_paths: list[Path] = []
+    for a in annotations:
+        a = Path(a)
+        ann_paths += sorted(c for c in a.iterdir() if c.is_file()) if a.is_dir() else [a]
+    matched = match_annotations(list(by_id), ann_paths)  # errors on annotations with no slide
+    need_pixels = cfg.rule == "points" or bool(cfg.context_downsamples)
+    dirs = [Path(d) for d in slide_dirs]
+    sources: dict[str, Path | None] = {}
+    failed: dict[str, str] = {}
+    plans = {}
+    for sid, p in by_id.items():
+        src = _slide_source(p, metas[p], dirs) if need_pixels else None
+        if need_pixels and src is None:
+            failed[sid] = f"{p}: slide file {metas[p]['slide']['source_name']!r} not found (pass --slides DIR)"
+            emit("failed", {"slide_id": sid, "error": failed[sid]})
+            continue
+        sources[sid] = src
+        plans[sid] = (label_slide, (str(p), [str(f) for f in matched.get(sid, [])], cfg, chunk))
+    done: dict[str, dict] = {}
+
+    def expand(sid: str, plan: dict) -> list:
+        futs = []
+        for arr in plan["image_arrays"]:
+            for a in range(0, plan["items"], chunk * 4):
+                b = min(plan["items"], a + chunk * 4)
+                f = client.submit(write_patches, str(by_id[sid]), str(sources[sid]), cfg.name, arr, a, b,
+                                  key=f"patches-{sid}-{arr}-{a}-{cfg.name}", pure=False, retries=2)
+                futs.append((f, arr))
+        return futs
+
+    def finish(sid: str, o) -> None:
+        if o.error is None:
+            try:
+                finish_dataset(str(by_id[sid]), cfg.name)
+            except Exception as exc:  # noqa: BLE001
+                o.error = str(exc)
+        if o.error is not None:
+            failed[sid] = o.error
+            emit("failed", {"slide_id": sid, "error": o.error})
+        else:
+            done[sid] = {"items": o.plan["items"], "positives": o.plan["positives"]}
+            emit("slide", {"slide_id": sid, **done[sid]})
+
+    run_per_slide(client, plans, expand, finish, key=cfg.name)
+
+    ids = sorted(done)
+    patient = _patients(cfg, ids)
+    groups = sorted(set(patient.values()))
+    pos_group = {g: int(any(done[s]["positives"] > 0 for s in ids if patient[s] == g)) for g in groups}
+    split_of_group = split_groups(groups, cfg.split.fractions,
+                                  stratify=pos_group if cfg.split.stratify else None, seed=cfg.split.seed)
+    manifest = {
+        "format": DATASET_FORMAT,
+        "name": cfg.name,
+        "rule": cfg.rule,
+        "classes": list(cfg.classes),
+        "context_downsamples": list(cfg.context_downsamples),
+        "negatives_per_positive": cfg.negatives_per_positive,
+        "seed": cfg.seed,
+        "slides": [
+            {"slide_id": s, "store": os.path.relpath(by_id[s], out.parent), "patient": patient[s],
+             "split": split_of_group[patient[s]], **done[s]}
+            for s in ids
+        ],
+        "failed": failed,
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out)  # written last: a dataset manifest only lists complete slides
+    return DatasetBuildResult(out, done, failed)

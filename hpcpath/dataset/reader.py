@@ -1,0 +1,242 @@
+"""Many slide stores read as one labelled dataset: select, balance, shard, stream.
+
+A ``PatchDataset`` is a table of items (store, row in the store's dataset group, label) plus
+the stores themselves, opened lazily.  Every operation returns a new, smaller table; no pixel
+is read until batches are drawn.  Batches are read chunk by chunk: the items of one Zarr
+chunk are served from one read, so throughput stays near the raw chunk-read rate.
+
+Sharding splits the item table across ranks (Horovod, tf.distribute) by whole read units —
+runs of items in the same chunk — dealt round-robin: shards are disjoint, their union is the
+dataset, and each rank reads only its own chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from hpcpath.errors import HpcpathError
+
+__all__ = ["PatchDataset", "open_dataset", "Batch"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: np.ndarray  # (B, T, T, 3) uint8
+    labels: np.ndarray  # (B,) or (B, C)
+    context: dict[str, np.ndarray]  # name -> (B, T, T, 3)
+    slide: np.ndarray  # (B,) slide index into PatchDataset.slide_ids
+
+
+class _StoreArrays:
+    """The arrays one item source needs, opened once per process."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        import zarr
+
+        import hpcpath.codecs  # noqa: F401 - the JPEG codec must be registered to read
+
+        root = zarr.open_group(str(path), mode="r")
+        self.group = root[f"datasets/{name}"]
+        info = self.group.attrs["hpcpath_dataset"]
+        if not info.get("complete"):
+            raise HpcpathError(f"dataset {name!r} is incomplete in this store; rebuild it", path)
+        if info["source"] == "tiles":
+            self.images = root["tiles/images"]
+            self.item_index = self.group["item_index"][:]
+        else:
+            self.images = self.group["images"]
+            self.item_index = None
+        self.rotation = self.group["rotation"][:]
+        self.context = {
+            k: self.group[f"context/{k}"] for k in (self.group["context"].array_keys() if "context" in self.group else [])
+        }
+
+    def rows(self, items: np.ndarray) -> np.ndarray:
+        """Rows of the image array holding ``items``."""
+        return items if self.item_index is None else self.item_index[items]
+
+
+@dataclass(frozen=True)
+class PatchDataset:
+    """A view of a dataset manifest: parallel arrays, one entry per item."""
+
+    root: Path
+    name: str
+    classes: tuple[str, ...]
+    slide_ids: tuple[str, ...]
+    stores: tuple[Path, ...]
+    splits: tuple[str, ...]  # per slide
+    store_of: np.ndarray  # (N,) slide index
+    item: np.ndarray  # (N,) row in the store's dataset group
+    labels: np.ndarray  # (N,) or (N, C)
+    chunk: np.ndarray  # (N,) image-array chunk id within the store (read unit)
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    # ---------------------------------------------------------------- views
+    def _take(self, idx: np.ndarray) -> "PatchDataset":
+        idx = np.asarray(idx, dtype=np.int64)
+        return replace(self, store_of=self.store_of[idx], item=self.item[idx],
+                       labels=self.labels[idx], chunk=self.chunk[idx])
+
+    def select(self, split: str | None = None, slides: list[str] | None = None) -> "PatchDataset":
+        """Items of one split ("train", "val", "test") and/or of the given slides."""
+        keep = np.ones(len(self), bool)
+        if split is not None:
+            if split not in ("train", "val", "test"):
+                raise HpcpathError(f"unknown split {split!r}; use train, val or test")
+            ok = np.array([s == split for s in self.splits], bool)
+            keep &= ok[self.store_of] if len(ok) else keep
+        if slides is not None:
+            ok = np.array([s in set(slides) for s in self.slide_ids], bool)
+            keep &= ok[self.store_of]
+        return self._take(np.flatnonzero(keep))
+
+    def balance(self, negatives_per_positive: float, seed: int = 0) -> "PatchDataset":
+        """Keep every positive, and ``negatives_per_positive`` random negatives per positive."""
+        from hpcpath.labels import balance
+
+        lab = self.labels if self.labels.ndim == 1 else self.labels.max(axis=1)
+        return self._take(balance(lab, negatives_per_positive, seed=seed))
+
+    def shard(self, rank: int, size: int) -> "PatchDataset":
+        """This rank's disjoint share: read units (store, chunk) dealt round-robin."""
+        if not (size >= 1 and 0 <= rank < size):
+            raise HpcpathError(f"bad shard rank {rank} of size {size}")
+        unit_key = self.store_of.astype(np.int64) * (1 << 32) + self.chunk
+        units, inverse = np.unique(unit_key, return_inverse=True)
+        mine = (np.arange(len(units)) % size) == rank
+        return self._take(np.flatnonzero(mine[inverse]))
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Items per class and split (binary: negative/positive; multi-label: per class)."""
+        out: dict[str, dict[str, int]] = {}
+        split_of_item = np.array(self.splits, dtype=object)[self.store_of] if len(self) else np.array([])
+        for split in ("train", "val", "test"):
+            sel = split_of_item == split
+            if self.labels.ndim == 1:
+                out[split] = {"negative": int((self.labels[sel] == 0).sum()),
+                              "positive": int((self.labels[sel] > 0).sum())}
+            else:
+                out[split] = {c: int(self.labels[sel, i].sum()) for i, c in enumerate(self.classes)}
+            out[split]["total"] = int(sel.sum())
+        return out
+
+    # ---------------------------------------------------------------- reading
+    def _arrays(self, s: int) -> _StoreArrays:
+        cache = self.__dict__.setdefault("_open", {})
+        if s not in cache:
+            cache[s] = _StoreArrays(self.stores[s], self.name)
+        return cache[s]
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+        context: bool = True, drop_remainder: bool = False, buffer_units: int = 4,
+    ) -> Iterator[Batch]:
+        """Stream batches.  Read units are visited in a (seeded, per-epoch) random order and
+        items are shuffled within a buffer of ``buffer_units`` units, so memory stays at a
+        few chunks whatever the dataset size."""
+        rng = np.random.default_rng([seed, epoch])
+        unit_key = self.store_of.astype(np.int64) * (1 << 32) + self.chunk
+        units, inverse = np.unique(unit_key, return_inverse=True)
+        order = rng.permutation(len(units)) if shuffle else np.arange(len(units))
+        members = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[members], np.arange(len(units) + 1))
+        buffer: list[dict[str, np.ndarray]] = []
+        for pos, u in enumerate(order):
+            buffer.append(self._read(members[bounds[u] : bounds[u + 1]], context))
+            if len(buffer) < (buffer_units if shuffle else 1) and pos < len(order) - 1:
+                continue
+            merged = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+            n = len(merged["labels"])
+            perm = rng.permutation(n) if shuffle else np.arange(n)
+            full = (n // batch_size) * batch_size
+            for b in range(0, full, batch_size):
+                yield _batch(merged, perm[b : b + batch_size])
+            rest = perm[full:]
+            buffer = [{k: v[rest] for k, v in merged.items()}] if len(rest) else []
+        if buffer and not drop_remainder:
+            merged = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+            yield _batch(merged, np.arange(len(merged["labels"])))
+
+    def _read(self, idx: np.ndarray, context: bool) -> dict[str, np.ndarray]:
+        """Images (and context) of items ``idx``, all in one store chunk: one read each."""
+        s = int(self.store_of[idx[0]])
+        arr = self._arrays(s)
+        items = self.item[idx]
+        rows = arr.rows(items)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        images = arr.images[lo:hi][rows - lo]
+        rot = arr.rotation[items]
+        if rot.any():
+            images = np.stack([np.rot90(im, k) for im, k in zip(images, rot)])
+        out = {"images": images, "labels": self.labels[idx], "slide": np.full(len(idx), s, np.int32)}
+        if context:
+            i0, i1 = int(items.min()), int(items.max()) + 1
+            for name, carr in arr.context.items():
+                out[f"context/{name}"] = carr[i0:i1][items - i0]
+        return out
+
+    def to_tf(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, augment=None,
+              context: bool = False, repeat: bool = False, prefetch: int = 2):
+        """A ``tf.data.Dataset`` of ``(images float32 in [0, 1], labels float32)`` batches
+        (with context: ``({"main": ..., "context_<r>": ...}, labels)``); needs the ``train`` extra."""
+        from hpcpath.dataset.tfdata import to_tf_dataset
+
+        return to_tf_dataset(self, batch_size, shuffle=shuffle, seed=seed, augment=augment,
+                             context=context, repeat=repeat, prefetch=prefetch)
+
+
+def open_dataset(path: str | os.PathLike) -> PatchDataset:
+    """Open a dataset manifest written by ``hpcpath dataset build``."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HpcpathError("dataset manifest not found", path) from None
+    except ValueError as exc:
+        raise HpcpathError(f"not a dataset manifest ({exc})", path) from None
+    if doc.get("format") != "hpcpath-dataset/1":
+        raise HpcpathError("not an hpcpath dataset manifest", path)
+    import zarr
+
+    slides = doc["slides"]
+    stores, store_of, items, labels, chunks = [], [], [], [], []
+    for s, rec in enumerate(slides):
+        store = (path.parent / rec["store"]).resolve()
+        stores.append(store)
+        g = zarr.open_group(str(store), mode="r")[f"datasets/{doc['name']}"]
+        lab = g["labels"][:]
+        n = len(lab)
+        info = g.attrs["hpcpath_dataset"]
+        if info["source"] == "tiles":
+            rows = g["item_index"][:]
+            chunk_len = zarr.open_group(str(store), mode="r")["tiles/images"].chunks[0]
+        else:
+            rows = np.arange(n)
+            chunk_len = g["images"].chunks[0]
+        store_of.append(np.full(n, s, np.int32))
+        items.append(np.arange(n, dtype=np.int64))
+        labels.append(lab)
+        chunks.append((rows // chunk_len).astype(np.int64))
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+    return PatchDataset(
+        root=path, name=doc["name"], classes=tuple(doc["classes"]),
+        slide_ids=tuple(r["slide_id"] for r in slides), stores=tuple(stores),
+        splits=tuple(r["split"] for r in slides), store_of=cat(store_of, np.int32),
+        item=cat(items, np.int64), labels=cat(labels, np.uint8), chunk=cat(chunks, np.int64),
+    )
+
+
+def _batch(merged: dict[str, np.ndarray], sel: np.ndarray) -> Batch:
+    return Batch(
+        images=merged["images"][sel], labels=merged["labels"][sel], slide=merged["slide"][sel],
+        context={k.split("/", 1)[1]: v[sel] for k, v in merged.items() if k.startswith("context/")},
+    )

@@ -1,0 +1,217 @@
+"""Datasets from slide stores + annotations, on a real LocalCluster, read back as one dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+from hpcpath.config import DatasetConfig, TileConfig
+from hpcpath.dataset import build_dataset, build_image_dataset, open_dataset
+from hpcpath.errors import AnnotationError, HpcpathError
+from hpcpath.synth import load_truth, make_cohort
+from hpcpath.tiling import tile_slides
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, dask_client):
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root / "slides", n=3, width=4096, height=4096, seed=20)
+    res = tile_slides([root / "slides"], root / "stores", TileConfig(), client=dask_client)
+    assert res.ok
+    return root
+
+
+def _build(cohort, pattern, name, client, **kw):
+    anns = sorted((cohort / "slides").glob(pattern))
+    res = build_dataset([cohort / "stores"], anns, cohort / f"{name}.json", DatasetConfig(name=name, **kw), client=client)
+    assert res.ok, res.failed
+    return open_dataset(cohort / f"{name}.json")
+
+
+def test_mask_asap_and_geojson_labels_agree_exactly(cohort, dask_client):
+    by_mask = _build(cohort, "*.tumor.tif", "mask", dask_client)
+    by_xml = _build(cohort, "*.tumor.xml", "xml", dask_client)
+    by_geo = _build(cohort, "*.tumor.geojson", "geo", dask_client)
+    assert 0 < by_mask.labels.sum() < len(by_mask)
+    np.testing.assert_array_equal(by_mask.labels, by_xml.labels)
+    np.testing.assert_array_equal(by_mask.labels, by_geo.labels)
+    # and the fraction rule gives fractions in [0, 1] with positives where fraction >= 0.5
+    frac = _build(cohort, "*.tumor.xml", "frac", dask_client, rule="fraction")
+    assert set(np.unique(frac.labels)) <= {0, 1}
+    assert frac.labels.sum() <= by_xml.labels.sum() + len(by_xml)
+
+
+def _over_white(img):
+    """OpenSlide's RGBA (transparent past the slide edge) as the white the readers give."""
+    a = np.asarray(img)
+    return np.where(a[..., 3:] == 0, 255, a[..., :3]).astype(np.uint8)
+
+
+def test_context_patches_are_centred_on_the_same_point(cohort, dask_client):
+    ds = _build(cohort, "*.tumor.xml", "ctx", dask_client, context_downsamples=(4.0,))
+    batch = next(ds.batches(16, context=True))
+    assert batch.context["4"].shape == batch.images.shape
+    import zarr
+
+    store = ds.stores[int(batch.slide[0])]
+    g = zarr.open_group(str(store), mode="r")["datasets/ctx"]
+    centres, items = g["centres"][:], np.arange(g["labels"].shape[0])
+    tiles = zarr.open_group(str(store), mode="r")["tiles/images"]
+    src = cohort / "slides" / (store.stem + ".svs")
+    with openslide.OpenSlide(str(src)) as osr:
+        assert osr.level_downsamples[1] == 4.0
+        for i in items[:8]:
+            cx, cy = centres[i]
+            main = _over_white(osr.read_region((int(cx - 128), int(cy - 128)), 0, (256, 256)))
+            ctx = _over_white(osr.read_region((int(cx - 512), int(cy - 512)), 1, (256, 256)))
+            np.testing.assert_array_equal(tiles[int(i)], main)
+            np.testing.assert_array_equal(g["context/4"][int(i)], ctx)
+
+
+def test_point_labels_respect_jitter_and_distance(cohort, dask_client):
+    ds = _build(cohort, "*.mitoses.csv", "mitosis", dask_client, rule="points", jitter_px=8.0,
+                negatives_per_slide=40, classes=("Mitosis",))
+    import zarr
+
+    for s, store in enumerate(ds.stores):
+        g = zarr.open_group(str(store), mode="r")["datasets/mitosis"]
+        truth = load_truth(cohort / "slides" / (store.stem + ".svs"))
+        centres, labels = g["centres"][:], g["labels"][:]
+        d = np.sqrt(((centres[:, None, :] - truth.mitoses[None, :, :]) ** 2).sum(-1)).min(axis=1)
+        assert labels.sum() == len(truth.mitoses) and (labels == 0).sum() > 0
+        assert (d[labels == 1] <= 8.0 * np.sqrt(2) + 1e-9).all()
+        min_d = g.attrs["hpcpath_dataset"]["min_distance_px"]
+        assert min_d == pytest.approx(60 * 0.25 / 0.5)  # 60 px at 0.25 um/px, slide at 0.5
+        assert (d[labels == 0] >= min_d).all()
+        # mitoses are dark blobs: positive patches are darker at the centre than negatives
+        images = g["images"][:]
+        centre = images[:, 118:138, 118:138].mean(axis=(1, 2, 3))
+        assert centre[labels == 1].mean() < centre[labels == 0].mean() - 20
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_rank_shards_are_disjoint_and_cover_the_dataset(cohort, dask_client, size):
+    ds = open_dataset(cohort / "xml.json") if (cohort / "xml.json").exists() else _build(cohort, "*.tumor.xml", "xml", dask_client)
+    keys = [set(zip(sh.store_of.tolist(), sh.item.tolist())) for sh in (ds.shard(r, size) for r in range(size))]
+    assert sum(len(k) for k in keys) == len(ds)
+    assert set().union(*keys) == set(zip(ds.store_of.tolist(), ds.item.tolist()))
+    with pytest.raises(HpcpathError):
+        ds.shard(size, size)
+
+
+def test_batches_stream_every_item_once_with_its_label(cohort, dask_client):
+    ds = _build(cohort, "*.tumor.xml", "stream", dask_client)
+    for shuffle in (False, True):
+        seen_labels, n = [], 0
+        for b in ds.batches(24, shuffle=shuffle, seed=1):
+            assert b.images.shape[1:] == (256, 256, 3) and b.images.dtype == np.uint8
+            seen_labels.append(b.labels)
+            n += len(b.labels)
+        assert n == len(ds)
+        assert np.concatenate(seen_labels).sum() == ds.labels.sum()
+    train = ds.select("train")
+    bal = train.balance(1.0, seed=0)
+    assert (bal.labels == 0).sum() == min((train.labels == 0).sum(), (train.labels > 0).sum())
+    assert (bal.labels > 0).sum() == (train.labels > 0).sum()
+
+
+def test_splits_are_by_slide_and_info_prints_counts(cohort, dask_client):
+    _build(cohort, "*.tumor.xml", "split", dask_client)
+    doc = json.loads((cohort / "split.json").read_text())
+    splits = {s["slide_id"]: s["split"] for s in doc["slides"]}
+    assert set(splits) == {"slide_000", "slide_001", "slide_002"} and "train" in splits.values()
+    ds = open_dataset(cohort / "split.json")
+    counts = ds.class_counts()
+    assert sum(c["total"] for c in counts.values()) == len(ds)
+    proc = subprocess.run([sys.executable, "-m", "hpcpath.cli.main", "dataset", "info", str(cohort / "split.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "positive" in proc.stdout and "train" in proc.stdout
+
+
+def test_bad_annotations(cohort, dask_client, tmp_path):
+    orphan = tmp_path / "other_slide.tumor.xml"
+    orphan.write_text("<ASAP_Annotations/>")
+    with pytest.raises(AnnotationError, match="other_slide.tumor.xml"):
+        build_dataset([cohort / "stores"], [orphan], tmp_path / "x.json", DatasetConfig(name="bad"), client=dask_client)
+    broken = tmp_path / "slide_001.tumor.xml"
+    broken.write_text("<ASAP_Annotations><Annotations><Annotation")
+    res = build_dataset([cohort / "stores"], [broken], tmp_path / "y.json", DatasetConfig(name="bad2"), client=dask_client)
+    assert list(res.failed) == ["slide_001"]
+    assert "slide_001.tumor.xml" in res.failed["slide_001"] and "\n" not in res.failed["slide_001"]
+    assert "slide_001" not in {s["slide_id"] for s in json.loads((tmp_path / "y.json").read_text())["slides"]}
+
+
+CXR_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+              "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+              "OriginalImagePixelSpacing[x", "y]"]
+
+
+def _cxr_folder(root: Path, n: int = 40, seed: int = 0):
+    from PIL import Image
+
+    from hpcpath.annotations import DEFAULT_CXR14
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    rows, truth = [], {}
+    for i in range(n):
+        k = rng.integers(0, 3)
+        found = sorted(rng.choice(DEFAULT_CXR14, size=k, replace=False).tolist())
+        name = f"{i:08d}_000.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(root / "images" / name)
+        rows.append([name, "|".join(found) if found else "No Finding", 0, i // 2, 50, "M", "PA", 64, 64, 0.14, 0.14])
+        truth[name] = found
+    with open(root / "Data_Entry_2017.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CXR_HEADER)
+        w.writerows(rows)
+    return truth
+
+
+def test_chestxray_folder_becomes_a_multilabel_dataset(tmp_path, dask_client):
+    from hpcpath.annotations import DEFAULT_CXR14
+
+    truth = _cxr_folder(tmp_path)
+    path = build_image_dataset(tmp_path / "Data_Entry_2017.csv", tmp_path / "images", tmp_path / "out",
+                               size=32, client=dask_client)
+    ds = open_dataset(path)
+    assert len(ds) == 40 and ds.labels.shape == (40, 14)
+    import zarr
+
+    for s, store in enumerate(ds.stores):
+        g = zarr.open_group(str(store), mode="r")["datasets/cxr"]
+        assert g["images"].shape[1:] == (32, 32, 3)
+    # every image's multi-hot vector equals its findings ("No Finding" = all zeros)
+    got = {}
+    for b in ds.batches(8):
+        for img, lab in zip(b.images, b.labels):
+            got[img.tobytes()] = lab
+    from PIL import Image
+
+    for name, found in truth.items():
+        with Image.open(tmp_path / "images" / name) as im:
+            key = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)).tobytes()
+        expected = np.array([c in found for c in DEFAULT_CXR14], np.uint8)
+        np.testing.assert_array_equal(got[key], expected)
+    # patients never straddle splits: Patient ID = i // 2
+    doc = json.loads(path.read_text())
+    assert {s["split"] for s in doc["slides"]} <= {"train", "val", "test"}
+
+
+def test_tf_data_handoff(cohort, dask_client):
+    tf = pytest.importorskip("tensorflow")
+    ds = open_dataset(cohort / "stream.json") if (cohort / "stream.json").exists() else _build(cohort, "*.tumor.xml", "stream", dask_client)
+    tfds = ds.to_tf(16, shuffle=True, augment=True)
+    n = 0
+    for x, y in tfds:
+        assert x.dtype == tf.float32 and x.shape[1:] == (256, 256, 3)
+        assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 1.0
+        n += int(y.shape[0])
+    assert n == len(ds)
