@@ -208,10 +208,39 @@ def test_chestxray_folder_becomes_a_multilabel_dataset(tmp_path, dask_client):
 def test_tf_data_handoff(cohort, dask_client):
     tf = pytest.importorskip("tensorflow")
     ds = open_dataset(cohort / "stream.json") if (cohort / "stream.json").exists() else _build(cohort, "*.tumor.xml", "stream", dask_client)
-    tfds = ds.to_tf(16, shuffle=True, augment=True)
-    n = 0
-    for x, y in tfds:
-        assert x.dtype == tf.float32 and x.shape[1:] == (256, 256, 3)
-        assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 1.0
-        n += int(y.shape[0])
-    assert n == len(ds)
+    for kw, dtype in (({}, tf.uint8), ({"augment": True, "dtype": "float32"}, tf.float32)):
+        n = 0
+        for x, y in ds.to_tf(16, shuffle=True, **kw):
+            assert x.dtype == dtype and x.shape[1:] == (256, 256, 3) and y.dtype == tf.float32
+            if dtype == tf.float32:
+                assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 1.0
+            n += int(y.shape[0])
+        assert n == len(ds)
+    x, y = next(iter(ds.to_tf(8, shuffle=False)))
+    first = next(ds.batches(8))
+    np.testing.assert_array_equal(x.numpy(), first.images)
+    np.testing.assert_array_equal(y.numpy(), first.labels.astype(np.float32))
+
+
+def test_augmentation_is_per_image_and_bounded():
+    tf = pytest.importorskip("tensorflow")
+    from hpcpath.config import AugmentConfig
+    from hpcpath.dataset.tfdata import augment_batch
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((32, 16, 16, 3)), tf.float32)
+    y = augment_batch(x, AugmentConfig(), seed=1)
+    assert y.shape == x.shape and float(tf.reduce_min(y)) >= 0 and float(tf.reduce_max(y)) <= 1
+    # geometry only: each output is one of the 8 symmetries of the square of its own input
+    g = augment_batch(x, AugmentConfig(brightness=0, saturation=(1, 1), hue=0, contrast=(1, 1)), seed=2).numpy()
+    for a, b in zip(x.numpy(), g):
+        variants = [np.rot90(m, k) for m in (a, a[:, ::-1]) for k in range(4)]
+        assert any(np.allclose(b, v) for v in variants)
+    # colour only, with the identity settings, changes nothing
+    same = augment_batch(x, AugmentConfig(rotate90=False, flip=False, brightness=0, saturation=(1, 1),
+                                          hue=0, contrast=(1, 1)))
+    np.testing.assert_allclose(same.numpy(), x.numpy(), atol=1e-6)
+    # hue rotation keeps luma (Y) for grey-free shifts: mean brightness stays close
+    h = augment_batch(x, AugmentConfig(rotate90=False, flip=False, brightness=0, saturation=(1, 1),
+                                       hue=0.04, contrast=(1, 1)), seed=3)
+    assert abs(float(tf.reduce_mean(h)) - float(tf.reduce_mean(x))) < 0.02

@@ -142,29 +142,32 @@ class PatchDataset:
     ) -> Iterator[Batch]:
         """Stream batches.  Read units are visited in a (seeded, per-epoch) random order and
         items are shuffled within a buffer of ``buffer_units`` units, so memory stays at a
-        few chunks whatever the dataset size."""
+        few chunks whatever the dataset size.  Each item is copied once, into its batch."""
         rng = np.random.default_rng([seed, epoch])
         unit_key = self.store_of.astype(np.int64) * (1 << 32) + self.chunk
         units, inverse = np.unique(unit_key, return_inverse=True)
         order = rng.permutation(len(units)) if shuffle else np.arange(len(units))
         members = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[members], np.arange(len(units) + 1))
-        buffer: list[dict[str, np.ndarray]] = []
+        parts: list[dict[str, np.ndarray]] = []
+        queue = np.zeros((0, 2), np.int64)  # (part, row) not yet served
         for pos, u in enumerate(order):
-            buffer.append(self._read(members[bounds[u] : bounds[u + 1]], context))
-            if len(buffer) < (buffer_units if shuffle else 1) and pos < len(order) - 1:
+            parts.append(self._read(members[bounds[u] : bounds[u + 1]], context))
+            n_new = len(parts[-1]["labels"])
+            queue = np.concatenate([queue, np.stack([np.full(n_new, len(parts) - 1), np.arange(n_new)], 1)])
+            last = pos == len(order) - 1
+            if not last and len(parts) - int(queue[:, 0].min()) < (buffer_units if shuffle else 1):
                 continue
-            merged = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
-            n = len(merged["labels"])
-            perm = rng.permutation(n) if shuffle else np.arange(n)
-            full = (n // batch_size) * batch_size
+            if shuffle:
+                queue = queue[rng.permutation(len(queue))]
+            full = (len(queue) // batch_size) * batch_size
             for b in range(0, full, batch_size):
-                yield _batch(merged, perm[b : b + batch_size])
-            rest = perm[full:]
-            buffer = [{k: v[rest] for k, v in merged.items()}] if len(rest) else []
-        if buffer and not drop_remainder:
-            merged = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
-            yield _batch(merged, np.arange(len(merged["labels"])))
+                yield _gather(parts, queue[b : b + batch_size])
+            queue = queue[full:]
+            live = set(queue[:, 0].tolist())
+            parts = [p if i in live else {} for i, p in enumerate(parts)]  # free served units
+        if len(queue) and not drop_remainder:
+            yield _gather(parts, queue)
 
     def _read(self, idx: np.ndarray, context: bool) -> dict[str, np.ndarray]:
         """Images (and context) of items ``idx``, all in one store chunk: one read each."""
@@ -173,7 +176,9 @@ class PatchDataset:
         items = self.item[idx]
         rows = arr.rows(items)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        images = arr.images[lo:hi][rows - lo]
+        images = arr.images[lo:hi]
+        if hi - lo != len(rows) or (rows[0] != lo or not (np.diff(rows) == 1).all()):
+            images = images[rows - lo]
         rot = arr.rotation[items]
         if rot.any():
             images = np.stack([np.rot90(im, k) for im, k in zip(images, rot)])
@@ -185,13 +190,14 @@ class PatchDataset:
         return out
 
     def to_tf(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, augment=None,
-              context: bool = False, repeat: bool = False, prefetch: int = 2):
-        """A ``tf.data.Dataset`` of ``(images float32 in [0, 1], labels float32)`` batches
-        (with context: ``({"main": ..., "context_<r>": ...}, labels)``); needs the ``train`` extra."""
+              context: bool = False, repeat: bool = False, prefetch: int = 2, dtype: str = "uint8"):
+        """A ``tf.data.Dataset`` of ``(images, labels float32)`` batches, images uint8 (or
+        float32 in [0, 1]); with context ``({"main": ..., "context_<r>": ...}, labels)``.
+        Needs the ``train`` extra."""
         from hpcpath.dataset.tfdata import to_tf_dataset
 
         return to_tf_dataset(self, batch_size, shuffle=shuffle, seed=seed, augment=augment,
-                             context=context, repeat=repeat, prefetch=prefetch)
+                             context=context, repeat=repeat, prefetch=prefetch, dtype=dtype)
 
 
 def open_dataset(path: str | os.PathLike) -> PatchDataset:
@@ -235,8 +241,18 @@ def open_dataset(path: str | os.PathLike) -> PatchDataset:
     )
 
 
-def _batch(merged: dict[str, np.ndarray], sel: np.ndarray) -> Batch:
+def _gather(parts: list[dict[str, np.ndarray]], queue: np.ndarray) -> Batch:
+    """One batch from (part, row) pairs: each item copied once, straight into the batch."""
+    keys = [k for k in parts[int(queue[0, 0])]]
+    out = {}
+    for k in keys:
+        ref = parts[int(queue[0, 0])][k]
+        dst = np.empty((len(queue), *ref.shape[1:]), ref.dtype)
+        for p in np.unique(queue[:, 0]):
+            sel = queue[:, 0] == p
+            dst[sel] = parts[int(p)][k][queue[sel, 1]]
+        out[k] = dst
     return Batch(
-        images=merged["images"][sel], labels=merged["labels"][sel], slide=merged["slide"][sel],
-        context={k.split("/", 1)[1]: v[sel] for k, v in merged.items() if k.startswith("context/")},
+        images=out["images"], labels=out["labels"], slide=out["slide"],
+        context={k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("context/")},
     )

@@ -1,7 +1,9 @@
 """The hand-off to TensorFlow: a ``PatchDataset`` as a ``tf.data.Dataset`` (``train`` extra).
 
-Batches come from the chunk-wise NumPy reader through ``from_generator`` and are converted and
-augmented in TensorFlow ops, after batching, so the per-item Python cost stays zero.
+Batches come from the chunk-wise NumPy reader through ``from_generator`` and are augmented in
+TensorFlow ops, after batching, so the per-item Python cost stays zero.  Images stay uint8
+unless asked otherwise: models rescale on the device (a Rescaling layer), which keeps a
+4x larger float copy out of the input pipeline.
 """
 
 from __future__ import annotations
@@ -14,31 +16,84 @@ if TYPE_CHECKING:
     from hpcpath.dataset.reader import PatchDataset
 
 
-def augment_batch(images, cfg: AugmentConfig, seed=None):
-    """Augment a float32 batch in [0, 1]: quarter turns, flips, brightness, saturation, hue,
-    contrast (each as configured), clipped back to [0, 1]."""
+def _undo_malloc_trim() -> None:
+    """TensorFlow's generator op sets glibc's M_TRIM_THRESHOLD to 128 kB, so every batch-sized
+    array is freshly mapped and page-faulted (measured: the NumPy reader halves its rate).
+    Put large allocations back on the reusable heap, for this (training) process only."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed memory
+        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: batches up to 32 MB from the heap
+    except (OSError, AttributeError):
+        pass
+
+
+def _hue_saturation_matrices(hue, sat):
+    """Per-image 3x3 RGB matrices: rotate hue by ``hue`` turns in YIQ space and scale
+    chroma by ``sat`` -- one matrix multiply instead of RGB->HSV->RGB per pixel."""
+    import math
+
     import tensorflow as tf
 
-    if cfg.rotate90:
-        k = tf.random.uniform([], 0, 4, dtype=tf.int32, seed=seed)
-        images = tf.image.rot90(images, k)
-    if cfg.flip:
-        images = tf.image.random_flip_left_right(images, seed=seed)
-        images = tf.image.random_flip_up_down(images, seed=seed)
-    if cfg.brightness > 0:
-        images = tf.image.random_brightness(images, cfg.brightness, seed=seed)
-    if cfg.saturation != (1.0, 1.0):
-        images = tf.image.random_saturation(images, *cfg.saturation, seed=seed)
-    if cfg.hue > 0:
-        images = tf.image.random_hue(images, cfg.hue, seed=seed)
+    to_yiq = tf.constant([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    to_rgb = tf.linalg.inv(to_yiq)
+    theta = hue * 2.0 * math.pi
+    c, s_ = tf.cos(theta) * sat, tf.sin(theta) * sat
+    one, zero = tf.ones_like(c), tf.zeros_like(c)
+    rot = tf.stack([tf.stack([one, zero, zero], -1), tf.stack([zero, c, -s_], -1),
+                    tf.stack([zero, s_, c], -1)], -2)  # (B, 3, 3)
+    return tf.einsum("ij,bjk,kl->bil", to_rgb, rot, to_yiq)
+
+
+def _dihedral(images, rnd, cfg: AugmentConfig):
+    """Per image, one of the symmetries of the square (rotations and/or flips), on the input
+    dtype (uint8 in the pipeline: a quarter of the bytes float would move)."""
+    import tensorflow as tf
+
+    k = tf.cast(rnd[:, 0] * 4, tf.int32) if cfg.rotate90 else tf.zeros_like(rnd[:, 0], tf.int32)
+    flip = (rnd[:, 1] < 0.5) if cfg.flip else tf.zeros_like(rnd[:, 1], tf.bool)
+
+    def one(args):
+        img, kk, ff = args
+        img = tf.image.rot90(img, kk)
+        return tf.cond(ff, lambda: tf.reverse(img, [1]), lambda: img)
+
+    return tf.map_fn(one, (images, k, flip), fn_output_signature=images.dtype)
+
+
+def augment_batch(images, cfg: AugmentConfig, seed=None):
+    """Augment a batch (uint8, or float32 in [0, 1]) into float32 in [0, 1], each image with
+    its own draw: a dihedral transform (quarter turns, flips), then hue and saturation as one
+    colour matrix, contrast and brightness, clipped to [0, 1].  Vectorised over the batch."""
+    import tensorflow as tf
+
+    b = tf.shape(images)[0]
+    rnd = tf.random.uniform((b, 8), seed=seed)
+    x = _dihedral(images, rnd, cfg) if (cfg.rotate90 or cfg.flip) else images
+    x = tf.image.convert_image_dtype(x, tf.float32)
+    lo_s, hi_s = cfg.saturation
+    sat = lo_s + (hi_s - lo_s) * rnd[:, 3]
+    hue = (2.0 * rnd[:, 4] - 1.0) * cfg.hue
+    if cfg.hue > 0 or cfg.saturation != (1.0, 1.0):
+        x = tf.einsum("bhwc,bdc->bhwd", x, _hue_saturation_matrices(hue, sat))
     if cfg.contrast != (1.0, 1.0):
-        images = tf.image.random_contrast(images, *cfg.contrast, seed=seed)
-    return tf.clip_by_value(images, 0.0, 1.0)
+        lo_c, hi_c = cfg.contrast
+        k = tf.reshape(lo_c + (hi_c - lo_c) * rnd[:, 5], (-1, 1, 1, 1))
+        mean = tf.reduce_mean(x, axis=(1, 2, 3), keepdims=True)
+        x = (x - mean) * k + mean
+    if cfg.brightness > 0:
+        x = x + tf.reshape((2.0 * rnd[:, 6] - 1.0) * cfg.brightness, (-1, 1, 1, 1))
+    return tf.clip_by_value(x, 0.0, 1.0)
 
 
 def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, seed: int = 0,
                   augment: AugmentConfig | bool | None = None, context: bool = False,
-                  repeat: bool = False, prefetch: int = 2):
+                  repeat: bool = False, prefetch: int = 2, dtype: str = "uint8"):
     import numpy as np
     import tensorflow as tf
 
@@ -53,6 +108,7 @@ def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, 
     epoch = {"n": 0}
 
     def gen():
+        _undo_malloc_trim()  # runs after TF created the generator op (and its malloc patch)
         e = epoch["n"]
         epoch["n"] += 1
         for b in ds.batches(batch_size, shuffle=shuffle, seed=seed, epoch=e, context=context):
@@ -69,15 +125,21 @@ def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, 
     )
 
     def convert(x, y):
-        xs = x if isinstance(x, tuple) else (x,)
-        xs = [tf.image.convert_image_dtype(v, tf.float32) for v in xs]
+        xs = list(x) if isinstance(x, tuple) else [x]
         if augment:
             xs = [augment_batch(v, augment) for v in xs]
+            if dtype == "uint8":
+                xs = [tf.image.convert_image_dtype(v, tf.uint8, saturate=True) for v in xs]
+        elif dtype == "float32":
+            xs = [tf.image.convert_image_dtype(v, tf.float32) for v in xs]
         if ctx_names:
             return {"main": xs[0], **{f"context_{n}": v for n, v in zip(ctx_names, xs[1:])}}, y
         return xs[0], y
 
-    out = out.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+    if dtype not in ("uint8", "float32"):
+        raise ValueError(f"dtype must be uint8 or float32, got {dtype!r}")
+    if augment or dtype != "uint8" or ctx_names:
+        out = out.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
     if repeat:
         out = out.repeat()
     return out.prefetch(prefetch)

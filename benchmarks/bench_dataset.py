@@ -1,0 +1,119 @@
+"""Dataset reader throughput into tf.data against the raw Zarr read of the same chunks.
+
+    taskset -c 0 .venv/bin/python benchmarks/bench_dataset.py --out bench-out
+
+One core (taskset, TF's thread pools set to 1), 256 px patches, in one run:
+
+  raw        read every chunk of the tile arrays that hold the dataset's items (zarr, no
+             other work): the floor of any reader;
+  batches    PatchDataset.batches (NumPy, shuffled by read unit + buffer);
+  tf         PatchDataset.to_tf without augmentation, iterated to the end;
+  tf+aug     the same with the default augmentation (rotations, flips, colour jitter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def prepare(work: Path, size: int, n: int):
+    from distributed import Client, LocalCluster
+
+    from hpcpath.config import DatasetConfig, TileConfig
+    from hpcpath.dataset import build_dataset
+    from hpcpath.synth import make_cohort
+    from hpcpath.tiling import tile_slides
+
+    manifest = work / "bench-dataset.json"
+    if manifest.exists():
+        return manifest
+    make_cohort(work / "ds-slides", n=n, width=size, height=size, seed=30)
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40) as c, Client(c) as cl:
+        assert tile_slides([work / "ds-slides"], work / "ds-stores", TileConfig(pyramid=False), client=cl).ok
+        anns = sorted((work / "ds-slides").glob("*.tumor.xml"))
+        assert build_dataset([work / "ds-stores"], anns, manifest, DatasetConfig(name="bench"), client=cl).ok
+    return manifest
+
+
+def raw_read(ds) -> int:
+    import zarr
+
+    n = 0
+    for store in ds.stores:
+        arr = zarr.open_group(str(store), mode="r")["tiles/images"]
+        for c0 in range(0, arr.shape[0], arr.chunks[0]):
+            n += len(arr[c0 : c0 + arr.chunks[0]])
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--size", type=int, default=12288)
+    ap.add_argument("--slides", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
+    args = ap.parse_args()
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = prepare(work, args.size, args.slides)
+
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from hpcpath.dataset import open_dataset
+
+    ds = open_dataset(manifest)
+    n = len(ds)
+    results = {"items": n, "batch": args.batch, "repeats": args.repeats}
+
+    def best(fn) -> float:
+        """Best of several passes (the machine is shared): patches/s."""
+        rates = []
+        for rep in range(args.repeats):
+            t0 = time.perf_counter()
+            m = fn(rep)
+            rates.append(m / (time.perf_counter() - t0))
+        return max(rates)
+
+    # Steady state, as in training: stores opened once, a long-lived pipeline, several epochs.
+    epochs = args.epochs
+    list(ds.batches(args.batch))
+    results["epochs"] = epochs
+    results["raw_patches_per_s"] = best(lambda rep: sum(raw_read(ds) for _ in range(epochs)))
+    results["batches_patches_per_s"] = best(lambda rep: sum(
+        len(b.labels) for e in range(epochs) for b in ds.batches(args.batch, shuffle=True, seed=rep, epoch=e)))
+    n_batches = -(-n // args.batch) * epochs
+    for aug in (False, True):
+        pipe = ds.to_tf(args.batch, shuffle=True, augment=aug, repeat=True)
+        it = iter(pipe)
+        next(it)  # build and trace once
+        results[f"tf{'_aug' if aug else ''}_patches_per_s"] = best(
+            lambda rep: sum(int(next(it)[1].shape[0]) for _ in range(n_batches)))
+    results["tf_vs_raw"] = results["tf_patches_per_s"] / results["raw_patches_per_s"]
+    results["tf_aug_vs_raw"] = results["tf_aug_patches_per_s"] / results["raw_patches_per_s"]
+    results["batches_vs_raw"] = results["batches_patches_per_s"] / results["raw_patches_per_s"]
+    (work / "dataset.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(
+        f"| items | raw Zarr patches/s | batches (NumPy) | tf.data | tf.data + augmentation | tf.data / raw | tf.data+aug / raw |\n"
+        f"|---|---|---|---|---|---|---|\n"
+        f"| {n} | {results['raw_patches_per_s']:.0f} | {results['batches_patches_per_s']:.0f} | "
+        f"{results['tf_patches_per_s']:.0f} | {results['tf_aug_patches_per_s']:.0f} | "
+        f"{results['tf_vs_raw']:.2f} | {results['tf_aug_vs_raw']:.2f} |"
+    )
+
+
+
+if __name__ == "__main__":
+    main()
