@@ -1,0 +1,82 @@
+"""The saved-model contract between training and inference.
+
+A model directory holds ``model.keras`` (Keras 3 native format) and ``hpcpath-model.json``
+with what inference must know to feed it: patch size, the level-0 downsample (or MPP) the
+patches were read at, context downsamples (multi-scale inputs), class names, task kind.
+Models take uint8 images (B, T, T, 3) and rescale inside (a Rescaling layer), so every
+pipeline feeds the same bytes it stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hpcpath.errors import HpcpathError
+
+__all__ = ["ModelMeta", "save_model", "load_model", "MODEL_FILE", "META_FILE"]
+
+MODEL_FILE = "model.keras"
+META_FILE = "hpcpath-model.json"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model expects.  ``inputs`` names the Keras inputs in order: "main" and, for
+    multi-scale models, "context_<r>" (r = context downsample factor)."""
+
+    patch_size: int
+    classes: tuple[str, ...] = ("positive",)
+    task: str = "binary"  # "binary" | "multilabel" | "points"
+    patch_downsample: float | None = 1.0  # level-0 px per patch px
+    patch_mpp: float | None = None  # preferred over patch_downsample when both are known
+    context_downsamples: tuple[float, ...] = ()
+    inputs: tuple[str, ...] = ("main",)
+    architecture: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def save_model(model, directory: str | os.PathLike, meta: ModelMeta) -> Path:
+    """Write model + metadata atomically enough: the metadata file is written last."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{MODEL_FILE}.tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, d / MODEL_FILE)
+    doc = asdict(meta)
+    doc["format"] = "hpcpath-model/1"
+    tmpm = d / f".{META_FILE}.tmp"
+    tmpm.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmpm, d / META_FILE)
+    return d
+
+
+def load_meta(directory: str | os.PathLike) -> ModelMeta:
+    d = Path(directory)
+    try:
+        doc = json.loads((d / META_FILE).read_text())
+    except FileNotFoundError:
+        raise HpcpathError(f"not an hpcpath model folder (no {META_FILE})", d) from None
+    except ValueError as exc:
+        raise HpcpathError(f"unreadable {META_FILE} ({exc})", d) from None
+    doc.pop("format", None)
+    for k in ("classes", "context_downsamples", "inputs"):
+        doc[k] = tuple(doc.get(k, ()))
+    return ModelMeta(**doc)
+
+
+def load_model(directory: str | os.PathLike, *, compile: bool = False):
+    """(keras model, ModelMeta) from a model folder; clear errors for missing/corrupt files."""
+    meta = load_meta(directory)
+    path = Path(directory) / MODEL_FILE
+    if not path.exists():
+        raise HpcpathError(f"model file missing ({MODEL_FILE})", Path(directory))
+    import keras
+
+    try:
+        model = keras.saving.load_model(path, compile=compile)
+    except Exception as exc:  # noqa: BLE001 - keras raises many types for bad files
+        raise HpcpathError(f"cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path) from None
+    return model, meta
