@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hpcpath._malloc import keep_large_buffers
 from hpcpath._version import __version__
 from hpcpath.config import TileConfig
 from hpcpath.errors import HpcpathError, OutputError, SlideError
@@ -186,6 +187,7 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     from hpcpath.codecs import array_codecs
 
     t0 = time.perf_counter()
+    keep_large_buffers()
     spath = store_path(out, slide_id_for(slide_path))
     remove_store(spath)  # anything here is partial or stale: start clean
     slide = open_slide(slide_path, cfg.reader, cached=True)
@@ -323,6 +325,7 @@ def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: 
 
     import zarr
 
+    keep_large_buffers()
     root = zarr.open_group(store, mode="r+")
     images = root["tiles/images"]
     meta = root.attrs["hpcpath"]
@@ -351,6 +354,7 @@ def write_pyramid_base(slide_path: str, store: str, cfg: TileConfig, row0: int, 
     """Worker task: rows [row0, row1) of pyramid level 0, read from the best slide level."""
     import zarr
 
+    keep_large_buffers()
     arr = zarr.open_group(store, mode="r+")["image/0"]
     _, h, w = arr.shape
     slide = open_slide(slide_path, cfg.reader, cached=True)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import DatasetConfig
 from hpcpath.errors import HpcpathError, OutputError
 from hpcpath.manifest import MANIFEST_NAME
@@ -210,6 +211,7 @@ def write_patches(store: str, slide_path: str, name: str, array: str, start: int
 
     from hpcpath.io import open_slide
 
+    keep_large_buffers()
     root = zarr.open_group(store, mode="r+")
     g = root[f"datasets/{name}"]
     info = g.attrs["hpcpath_dataset"]

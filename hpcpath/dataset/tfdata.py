@@ -10,27 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import AugmentConfig
 
 if TYPE_CHECKING:
     from hpcpath.dataset.reader import PatchDataset
-
-
-def _undo_malloc_trim() -> None:
-    """TensorFlow's generator op sets glibc's M_TRIM_THRESHOLD to 128 kB, so every batch-sized
-    array is freshly mapped and page-faulted (measured: the NumPy reader halves its rate).
-    Put large allocations back on the reusable heap, for this (training) process only."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep freed memory
-        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: batches up to 32 MB from the heap
-    except (OSError, AttributeError):
-        pass
 
 
 def _hue_saturation_matrices(hue, sat):
@@ -108,7 +92,7 @@ def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, 
     epoch = {"n": 0}
 
     def gen():
-        _undo_malloc_trim()  # runs after TF created the generator op (and its malloc patch)
+        keep_large_buffers(force=True)  # after TF's generator op set its own trim threshold
         e = epoch["n"]
         epoch["n"] += 1
         for b in ds.batches(batch_size, shuffle=shuffle, seed=seed, epoch=e, context=context):

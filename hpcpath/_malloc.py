@@ -1,0 +1,31 @@
+"""Keep glibc from unmapping and re-faulting big buffers on every allocation.
+
+Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` and TensorFlow's generator
+op sets ``M_TRIM_THRESHOLD`` to 128 kB; either way glibc stops raising its mmap threshold, so
+every decoded tile (192 kB) and every chunk-sized batch is a fresh mapping whose pages fault
+in on first touch.  Measured here: the tile writer and the dataset reader lose a third to a
+half of their rate.  Pixel tasks call :func:`keep_large_buffers` once per process; their
+memory stays bounded by design (a few chunks), so keeping freed memory costs little.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_done = False
+
+
+def keep_large_buffers(force: bool = False) -> None:
+    """Once per process (``force``: again, after a library changed the settings)."""
+    global _done
+    if (_done and not force) or not sys.platform.startswith("linux"):
+        return
+    _done = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: return memory above 256 MB free
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers up to 32 MB from the heap
+    except (OSError, AttributeError):
+        pass
