@@ -35,6 +35,7 @@ __all__ = [
     "open_store",
     "store_path",
     "is_complete",
+    "mark_complete",
     "remove_store",
 ]
 
@@ -61,6 +62,15 @@ def is_complete(path: str | os.PathLike, params_key: str | None = None) -> bool:
     if not meta.get("complete"):
         return False
     return params_key is None or meta.get("params_key") == params_key
+
+
+def mark_complete(path: str | os.PathLike, group: str = "", attr: str = "hpcpath") -> None:
+    """Set ``attributes[attr]["complete"] = True`` on a group: the last write of a stage."""
+    root = zarr.open_group(str(path), mode="r+")
+    node = root[group] if group else root
+    meta = dict(node.attrs[attr])
+    meta["complete"] = True
+    node.attrs[attr] = meta
 
 
 def remove_store(path: str | os.PathLike) -> None:

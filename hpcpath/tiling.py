@@ -34,7 +34,7 @@ from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.stage import one_line, run_per_slide
-from hpcpath.store import INDEX_COLUMNS, is_complete, ngff_multiscales, remove_store, store_path
+from hpcpath.store import INDEX_COLUMNS, is_complete, mark_complete, ngff_multiscales, remove_store, store_path
 from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
 __all__ = ["TileGeometry", "tile_geometry", "tile_grid", "tile_slides", "RunResult"]
@@ -391,14 +391,9 @@ def write_pyramid_levels(store: str, *_deps: Any) -> int:
 
 def finalize_store(store: str, n_tiles: int, written: int) -> None:
     """Mark the store complete — the last write, and only when every tile is accounted for."""
-    import zarr
-
     if written != n_tiles:
         raise HpcpathError(f"wrote {written} of {n_tiles} tiles; not marking complete", store)
-    root = zarr.open_group(store, mode="r+")
-    meta = dict(root.attrs["hpcpath"])
-    meta["complete"] = True
-    root.attrs["hpcpath"] = meta
+    mark_complete(store)
 
 
 # ----------------------------------------------------------------------------- driver

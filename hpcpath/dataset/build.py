@@ -228,12 +228,9 @@ def write_patches(store: str, slide_path: str, name: str, array: str, start: int
 
 
 def finish_dataset(store: str, name: str) -> None:
-    import zarr
+    from hpcpath.store import mark_complete
 
-    g = zarr.open_group(store, mode="r+")[f"datasets/{name}"]
-    info = dict(g.attrs["hpcpath_dataset"])
-    info["complete"] = True
-    g.attrs["hpcpath_dataset"] = info
+    mark_complete(store, f"datasets/{name}", "hpcpath_dataset")
 
 
 # ----------------------------------------------------------------------------- driver
