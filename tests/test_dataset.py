@@ -244,3 +244,17 @@ def test_augmentation_is_per_image_and_bounded():
     h = augment_batch(x, AugmentConfig(rotate90=False, flip=False, brightness=0, saturation=(1, 1),
                                        hue=0.04, contrast=(1, 1)), seed=3)
     assert abs(float(tf.reduce_mean(h)) - float(tf.reduce_mean(x))) < 0.02
+
+
+def test_annotation_folder_scan_uses_every_format_once(cohort, dask_client):
+    # the synth folder holds slides, masks, XML, GeoJSON, point CSV + GeoJSON and truth JSON
+    mask = open_dataset(cohort / "mask.json") if (cohort / "mask.json").exists() else _build(cohort, "*.tumor.tif", "mask", dask_client)
+    res = build_dataset([cohort / "stores"], [cohort / "slides"], cohort / "all.json", DatasetConfig(name="all"), client=dask_client)
+    assert res.ok, res.failed
+    np.testing.assert_array_equal(open_dataset(cohort / "all.json").labels, mask.labels)
+    res = build_dataset([cohort / "stores"], [cohort / "slides"], cohort / "pts.json",
+                        DatasetConfig(name="pts", rule="points", classes=("Mitosis",), negatives_per_slide=5),
+                        client=dask_client)
+    assert res.ok, res.failed
+    for sid, rec in res.slides.items():  # CSV and GeoJSON carry the same points: counted once
+        assert rec["positives"] == len(load_truth(cohort / "slides" / f"{sid}.svs").mitoses)

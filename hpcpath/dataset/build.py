@@ -66,6 +66,28 @@ def _slide_source(store: Path, meta: dict, slide_dirs: list[Path]) -> Path | Non
     return None
 
 
+def _is_annotation(path: Path) -> bool:
+    """In a scanned folder: masks, XML, point tables and GeoJSON -- not slides, not other
+    JSON (files named explicitly are always read, so a bad one gets its error)."""
+    if not path.is_file() or path.name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    if suffix in _MASK_SUFFIXES:
+        from hpcpath.io.discover import _is_label_mask
+
+        return _is_label_mask(path)
+    if suffix in (".xml", ".csv", ".geojson"):
+        return True
+    if suffix == ".json":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096)
+            return b'"FeatureCollection"' in head or b'"Feature"' in head or head.lstrip()[:1] == b"["
+        except OSError:
+            return False
+    return False
+
+
 # ----------------------------------------------------------------------------- worker side
 def _tile_boxes(index: np.ndarray, tile_side0: float) -> np.ndarray:
     n = len(index)
@@ -130,9 +152,11 @@ def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg:
     from hpcpath.annotations import UNCLASSIFIED, AnnotationSet, read_annotations
     from hpcpath.labels import negative_centres, point_patches, scaled_distance
 
-    pts = AnnotationSet.concat([read_annotations(f) for f in ann_files])
+    point_files = [f for f in ann_files if Path(f).suffix.lower() not in _MASK_SUFFIXES]
+    pts = AnnotationSet.concat([read_annotations(f) for f in point_files])  # masks: no points
     keep = set(cfg.classes) | {UNCLASSIFIED}
     xy = np.array([[p.x, p.y] for p in pts.points if p.label in keep], np.float64).reshape(-1, 2)
+    xy = np.unique(xy, axis=0)  # the same point from two files (CSV + GeoJSON) counts once
     side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
     pos = point_patches(xy, patch_px=side, jitter_px=cfg.jitter_px, rotations=cfg.rotations,
                         n_per_point=cfg.n_per_point, seed=cfg.seed)
@@ -289,7 +313,7 @@ def build_dataset(
     ann_paths: list[Path] = []
     for a in annotations:
         a = Path(a)
-        ann_paths += sorted(c for c in a.iterdir() if c.is_file()) if a.is_dir() else [a]
+        ann_paths += sorted(c for c in a.iterdir() if _is_annotation(c)) if a.is_dir() else [a]
     matched = match_annotations(list(by_id), ann_paths)  # errors on annotations with no slide
     need_pixels = cfg.rule == "points" or bool(cfg.context_downsamples)
     dirs = [Path(d) for d in slide_dirs]
