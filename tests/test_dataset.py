@@ -258,3 +258,20 @@ def test_annotation_folder_scan_uses_every_format_once(cohort, dask_client):
     assert res.ok, res.failed
     for sid, rec in res.slides.items():  # CSV and GeoJSON carry the same points: counted once
         assert rec["positives"] == len(load_truth(cohort / "slides" / f"{sid}.svs").mitoses)
+
+
+def test_annotation_outside_the_slide_is_clipped_with_a_warning(cohort, dask_client, tmp_path):
+    xml = tmp_path / "slide_000.tumor.xml"
+    xml.write_text(
+        '<ASAP_Annotations><Annotations><Annotation Name="edge" Type="Polygon" PartOfGroup="Tumor">'
+        "<Coordinates>" + "".join(
+            f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate([(3000, 100), (5000, 100), (5000, 900), (3000, 900)])
+        ) + "</Coordinates></Annotation></Annotations></ASAP_Annotations>"
+    )
+    events = []
+    res = build_dataset([cohort / "stores" / "slide_000.zarr"], [xml], tmp_path / "edge.json",
+                        DatasetConfig(name="edge"), client=dask_client, on_event=lambda k, i: events.append((k, i)))
+    assert res.ok
+    warnings = [i["warning"] for k, i in events if k == "warning"]
+    assert len(warnings) == 1 and "slide_000.tumor.xml" in warnings[0] and "clipped" in warnings[0]
+    assert res.slides["slide_000"]["warnings"] == warnings

@@ -49,6 +49,8 @@ def build(stores, annotations, out, config_file, name, rule, classes, centre_fra
     def report(kind, info):
         if kind == "failed":
             click.echo(f"hpcpath: {info['slide_id']}: {info['error']}", err=True)
+        elif kind == "warning":
+            click.echo(f"hpcpath: warning: {info['warning']}", err=True)
 
     with cluster_client(parse_cluster_spec(cluster), n_workers_override=workers) as client:
         click.echo(f"hpcpath: dashboard {dashboard_link(client)}", err=True)

@@ -121,7 +121,7 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
     labels = np.zeros(len(index), np.uint8)
     fraction = np.zeros(len(index), np.float32)
     if not len(index):
-        return labels, fraction
+        return labels, fraction, regions.warnings
     step = _BLOCK * ld
     bx, by = (index[:, 0] // step).astype(np.int64), (index[:, 1] // step).astype(np.int64)
     for key in np.unique(by * (1 << 20) + bx):
@@ -143,7 +143,7 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
         m.close()
     if cfg.rule == "fraction":
         labels = (fraction >= cfg.fraction_threshold).astype(np.uint8)
-    return labels, fraction
+    return labels, fraction, regions.warnings
 
 
 def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
@@ -167,7 +167,7 @@ def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg:
     centres = np.concatenate([pos.centres, neg]).reshape(-1, 2)
     labels = np.concatenate([np.ones(len(pos.centres), np.uint8), np.zeros(len(neg), np.uint8)])
     rot = np.concatenate([np.asarray(pos.quarter_turns, np.int8).reshape(-1), np.zeros(len(neg), np.int8)])
-    return centres, labels, rot, float(dist)
+    return centres, labels, rot, float(dist), pts.warnings
 
 
 def label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: int) -> dict[str, Any]:
@@ -190,12 +190,12 @@ def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: in
     side = t * meta["tiling"]["downsample"]
     extra: dict[str, Any] = {}
     if cfg.rule == "points":
-        centres, labels, rot, dist = _point_items(meta, index, ann_files, cfg)
+        centres, labels, rot, dist, warnings = _point_items(meta, index, ann_files, cfg)
         item_index = np.full(len(centres), -1, np.int64)
         fraction = None
         extra["min_distance_px"] = dist
     else:
-        labels, fraction = _region_labels(meta, index, ann_files, cfg)
+        labels, fraction, warnings = _region_labels(meta, index, ann_files, cfg)
         centres = index[:, :2].astype(np.float64) + side / 2
         item_index = np.arange(len(index), dtype=np.int64)
         rot = np.zeros(len(index), np.int8)
@@ -225,7 +225,8 @@ def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: in
             name, shape=(k, t, t, 3), dtype="uint8", chunks=(max(1, min(chunk, k)), t, t, 3),
             fill_value=0, config={"write_empty_chunks": True}, **array_codecs("blosc-lz4"),
         )
-    return {"items": k, "positives": int(labels.sum()), "image_arrays": image_arrays}
+    return {"items": k, "positives": int(labels.sum()), "image_arrays": image_arrays,
+            "warnings": list(dict.fromkeys(warnings))[:20]}
 
 
 def write_patches(store: str, slide_path: str, name: str, array: str, start: int, stop: int) -> int:
@@ -331,6 +332,8 @@ def build_dataset(
     done: dict[str, dict] = {}
 
     def expand(sid: str, plan: dict) -> list:
+        for w in plan.get("warnings", []):
+            emit("warning", {"slide_id": sid, "warning": w})
         futs = []
         for arr in plan["image_arrays"]:
             for a in range(0, plan["items"], chunk * 4):
@@ -350,7 +353,8 @@ def build_dataset(
             failed[sid] = o.error
             emit("failed", {"slide_id": sid, "error": o.error})
         else:
-            done[sid] = {"items": o.plan["items"], "positives": o.plan["positives"]}
+            done[sid] = {"items": o.plan["items"], "positives": o.plan["positives"],
+                         "warnings": o.plan.get("warnings", [])}
             emit("slide", {"slide_id": sid, **done[sid]})
 
     run_per_slide(client, plans, expand, finish, key=cfg.name)
