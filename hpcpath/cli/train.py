@@ -1,0 +1,108 @@
+"""``hpcpath train`` and ``hpcpath mine``: thin wrappers over :mod:`hpcpath.train`.
+
+The config is validated (and its files checked) before TensorFlow is imported, so a typo
+costs a second and one line, not a traceback."""
+
+from __future__ import annotations
+
+import click
+
+from hpcpath.errors import ConfigError
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up banner (oneDNN, CPU features: written to fd 2
+    before any log level applies) held back, so a user error stays one line.  What was held
+    back is replayed if the import fails; HPCPATH_TF_VERBOSE=1 shows everything."""
+    import os
+    import sys
+    import tempfile
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or os.environ.get("HPCPATH_TF_VERBOSE"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _overrides(sets: tuple[str, ...], **flags) -> dict:
+    import yaml
+
+    out = {k: v for k, v in flags.items() if v is not None}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optimizer.learning_rate=0.01")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
+    return out
+
+
+def _common(f):
+    f = click.option("-s", "--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key (dotted), e.g. -s optimizer.name=sgd.")(f)
+    f = click.option("--dataset", default=None, help="Dataset manifest (overrides the config).")(f)
+    f = click.option("--engine", type=click.Choice(["single", "horovod", "tf-distribute"]),
+                     default=None, help="single (default), horovod (one process per GPU, launched "
+                     "by horovodrun/mpirun/srun) or tf-distribute (MultiWorkerMirroredStrategy).")(f)
+    return f
+
+
+@click.command("train")
+@click.argument("config", type=click.Path())
+@_common
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the run folder.")
+@click.option("-o", "--out", default=None, help="Run folder (overrides the config).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Per rank.")
+@click.option("--hard-negatives", default=None, type=click.Path(), help="File from `hpcpath mine`.")
+@click.option("--audit", is_flag=True, default=None, help="Per-rank weight checksum and data digest per step.")
+def train(config, sets, dataset, engine, resume, out, epochs, batch_size, hard_negatives, audit):
+    """Train a model as CONFIG.yaml says (keys of hpcpath.config.TrainConfig)."""
+    from hpcpath.config import TrainConfig
+
+    cfg = TrainConfig.load(config, _overrides(sets, dataset=dataset, engine=engine, out=out,
+                                              epochs=epochs, batch_size=batch_size,
+                                              hard_negatives=hard_negatives, audit=audit))
+    _quiet_tensorflow()
+    from hpcpath.train import train as run
+
+    res = run(cfg, resume=resume)
+    if res.model_dir is not None:
+        last = res.history[-1] if res.history else {}
+        auc = last.get("val_auc")
+        click.echo(f"hpcpath train: model {res.model_dir} (step {res.global_step}"
+                   + (f", val_auc {auc:.4f}" if isinstance(auc, float) else "") + ")", err=True)
+
+
+@click.command("mine")
+@click.argument("config", type=click.Path())
+@_common
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder (RUN/model).")
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(), help="Hard-negatives JSON to write.")
+@click.option("--threshold", type=float, default=None, help="Score at or above which a negative is hard [mining.threshold].")
+def mine(config, sets, dataset, engine, model_dir, out_file, threshold):
+    """Score the train negatives with a model; write those scored >= THRESHOLD for the next round."""
+    from hpcpath.config import TrainConfig
+
+    cfg = TrainConfig.load(config, _overrides(sets, dataset=dataset, engine=engine))
+    _quiet_tensorflow()
+    from hpcpath.train import mine as run
+
+    doc = run(cfg, model_dir, out_file, threshold=threshold)
+    click.echo(f"hpcpath mine: {len(doc['items'])} of {doc['negatives_scored']} negatives scored "
+               f">= {doc['threshold']} -> {out_file}", err=True)

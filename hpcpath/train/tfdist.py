@@ -1,0 +1,89 @@
+"""The tf.distribute engine: ``MultiWorkerMirroredStrategy`` for sites without Horovod.
+
+Under ``srun`` the group comes from ``SlurmClusterResolver``, told the GPU layout so it never
+calls nvidia-smi (fake or absent GPUs: ``gpus_per_node`` >= tasks per node and
+``auto_set_gpu=False``; this engine pins the GPU itself, by local rank, like Horovod).
+Elsewhere ``TF_CONFIG`` (or nothing: one worker).  Keras 3 ``model.fit`` fails under this
+strategy (GUIDE section 2), so the shared custom step runs through ``strategy.run``; the
+optimizer sums gradients across replicas, hence ``loss_replicas`` = number of replicas.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hpcpath.errors import ConfigError
+from hpcpath.train.engine import Engine, _gpu_memory_growth, local_rank_from_env, pin_gpu_env, share_cpus
+
+__all__ = ["TFDistributeEngine", "slurm_resolver"]
+
+
+def _slurm_tasks() -> int:
+    for key in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 1
+
+
+def slurm_resolver():
+    """A SlurmClusterResolver that never runs nvidia-smi; ports derived from the job id so
+    concurrent jobs on one node do not collide (``HPCPATH_TF_PORT_BASE`` to override)."""
+    import tensorflow as tf
+
+    SlurmClusterResolver = tf.distribute.cluster_resolver.SlurmClusterResolver
+
+    tasks_per_node = int(os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get(
+        "SLURM_NTASKS_PER_NODE", "1")).split("(")[0].split(",")[0] or 1)
+    job = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
+    base = int(os.environ.get("HPCPATH_TF_PORT_BASE", 20000 + (job * 37) % 20000))
+    return SlurmClusterResolver(port_base=base, gpus_per_node=max(1, tasks_per_node),
+                                gpus_per_task=1, tasks_per_node=None, auto_set_gpu=False)
+
+
+class TFDistributeEngine(Engine):
+    name = "tf-distribute"
+
+    def start(self) -> "TFDistributeEngine":
+        self.gpu = pin_gpu_env(local_rank_from_env())
+        import tensorflow as tf
+
+        local_size = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
+        share_cpus(int(local_size) if local_size.isdigit() else 1)
+        _gpu_memory_growth()
+        resolver = slurm_resolver() if "SLURM_PROCID" in os.environ and _slurm_tasks() > 1 else None
+        try:
+            self.strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"engine tf-distribute: cannot form the worker group ({exc})") from None
+        ext = self.strategy.extended
+        local = len(ext.worker_devices)
+        if local != 1:
+            raise ConfigError(f"engine tf-distribute: {local} devices in one task; run one task "
+                              "per GPU (srun --ntasks-per-node=GPUS)")
+        self.size = self.strategy.num_replicas_in_sync
+        self.rank = int(self.strategy.cluster_resolver.task_id or 0) if self.size > 1 else 0
+        self.local_rank = local_rank_from_env()
+        self.loss_replicas = self.size
+        return self
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def run(self, fn, *args):
+        import tensorflow as tf
+
+        out = self.strategy.run(fn, args=args)
+        return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], out)
+
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        a = np.asarray(array)
+        dt = tf.float64 if a.dtype.kind == "f" or a.dtype == bool else tf.int64
+        if self.size == 1:
+            return a.astype(dt.as_numpy_dtype)
+        value = tf.constant(a, dtype=dt)
+        per = self.strategy.run(lambda: tf.identity(value))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per, axis=None).numpy()
