@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hpcpath.errors import ConfigError
 
-__all__ = ["TileConfig", "DatasetConfig", "AugmentConfig", "SplitConfig", "load_model", "read_yaml", "describe_error"]
+__all__ = ["TileConfig", "DatasetConfig", "InferConfig", "AugmentConfig", "SplitConfig", "TrainConfig", "load_model", "read_yaml",
+           "describe_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -153,6 +154,167 @@ class DatasetConfig(_Frozen):
         data, prefix = read_yaml(path, section="dataset") if path else ({}, "")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return load_model(cls, data, source=str(path) if path else "dataset options", prefix=prefix)
+
+
+# ---------------------------------------------------------------- training (hpcpath.train)
+ARCHITECTURES = ("small_cnn", "resnet50", "inceptionv3", "inceptionv3_multiscale", "densenet121")
+
+
+class ModelConfig(_Frozen):
+    """Which network, from which local weights, and how much of it to fine-tune."""
+
+    architecture: Literal["small_cnn", "resnet50", "inceptionv3", "inceptionv3_multiscale", "densenet121"] = "small_cnn"
+    weights: str | None = Field(None, description="local weights file (no download): a Keras "
+                                "applications no-top .h5 for the backbone, or .weights.h5 of the whole model")
+    weights_for: Literal["backbone", "model"] = "backbone"
+    trainable_layers: int | Literal["all"] = Field("all", description="fine-tune phase: top N backbone layers trainable")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    width: int = Field(32, ge=4, le=512, description="small_cnn: filters of the first block")
+
+
+class OptimizerConfig(_Frozen):
+    """Optimizer and learning-rate schedule: linear warmup, then reduce-on-plateau."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0, description="per-rank rate; scaled by ranks")
+    scale_by_ranks: bool = True
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only (Nesterov)")
+    nesterov: bool = True
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    plateau_patience: int = Field(2, ge=1, description="epochs without val_loss improvement")
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    min_learning_rate: float = Field(1e-6, ge=0)
+
+
+class MiningConfig(_Frozen):
+    """Hard-negative mining: score train negatives with the current model and oversample those
+    scored above ``threshold`` into the following epochs."""
+
+    enabled: bool = False
+    start_epoch: int = Field(1, ge=0, description="first epoch (0-based) trained with mined negatives")
+    every: int = Field(1, ge=1, description="re-mine every N epochs")
+    threshold: float = Field(0.5, ge=0, le=1)
+    oversample: int = Field(3, ge=1, description="extra copies of each hard negative per epoch")
+    max_items: int | None = Field(None, ge=1, description="keep at most the N highest-scored")
+
+
+class TrainConfig(_Frozen):
+    """A training run (``hpcpath train``); the same config runs under every engine."""
+
+    dataset: str = Field(description="dataset manifest (hpcpath dataset build / images)")
+    out: str = Field(description="run folder: checkpoints, history.csv, tensorboard/, model/")
+    engine: Literal["single", "horovod", "tf-distribute"] = "single"
+    classes: tuple[str, ...] | None = Field(None, description="label columns to train (default: all)")
+    train_split: Literal["train", "val", "test"] = "train"
+    val_split: Literal["train", "val", "test"] | None = "val"
+    context: bool = Field(False, description="feed the dataset's context patches (multi-scale)")
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    epochs: int = Field(10, ge=1, description="total epochs, both phases")
+    head_epochs: int = Field(0, ge=0, description="phase 1: train the new head only, backbone frozen")
+    fine_tune_learning_rate: float | None = Field(None, gt=0, description="phase 2 rate (default: learning_rate)")
+    batch_size: int = Field(64, ge=1, description="per rank")
+    steps_per_epoch: int | None = Field(None, ge=1, description="default: one pass over the epoch's items")
+    balance: float | None = Field(1.0, ge=0, description="negatives per positive, resampled each epoch; null keeps all")
+    augment: bool = True
+    augmentation: AugmentConfig = AugmentConfig()
+    mixed_precision: bool = Field(True, description="float16 compute on GPUs (never on CPU)")
+    hard_negatives: str | None = Field(None, description="file from `hpcpath mine` to oversample")
+    mining: MiningConfig = MiningConfig()
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint mid-epoch")
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = True
+    audit: bool = Field(False, description="per-rank log of weight checksum and data digest per step")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.head_epochs >= self.epochs and self.head_epochs:
+            raise ValueError("head_epochs must be smaller than epochs (phase 2 needs an epoch)")
+        if self.model.architecture == "inceptionv3_multiscale" and not self.context:
+            raise ValueError("model.architecture inceptionv3_multiscale needs context: true")
+        return self
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """From a YAML file (top level or under ``train:``), with dotted-key overrides
+        (``{"optimizer.learning_rate": 0.01}``) applied on top."""
+        data, prefix = read_yaml(path, section="train") if path else ({}, "")
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                if not isinstance(node.get(part, {}), dict):
+                    raise ConfigError(f"{prefix}{key}: {part} is not a section", path or "train options")
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:  # one line; did-you-mean against the nested section's keys
+            errors = exc.errors(include_url=False)
+            section: Any = cls
+            for part in errors[0]["loc"][:-1]:
+                field = getattr(section, "model_fields", {}).get(part)
+                section = field.annotation if field is not None else None
+            known = sorted(getattr(section, "model_fields", {}))
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise ConfigError(describe_error(errors[0], known, prefix) + more,
+                              str(path) if path else "train options") from None
+
+
+class InferConfig(_Frozen):
+    """How a model runs over slide stores (``hpcpath infer``).  Sizes in patch pixels unless
+    they say level-0; field docs double as the CLI help."""
+
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="predictions/<name> in each store (default: the model folder's name)",
+    )
+    mode: Literal["window", "two-stage"] = Field(
+        "window", description="sliding window, or nucleus proposals + patch classification (points models)"
+    )
+    stride: int | None = Field(
+        None, ge=1, description="window stride in patch pixels (default: the store's tile stride)"
+    )
+    batch_size: int = Field(64, ge=1, le=4096)
+    tta: bool = Field(False, description="average the 8 dihedral transforms of every patch")
+    tissue_threshold: float | None = Field(
+        None, ge=0, le=1,
+        description="minimum tissue fraction of a window (default: the store's; two-stage: any tissue)",
+    )
+    windows_per_task: int = Field(
+        8192, ge=1, description="windows one task predicts; bigger slides are split by rows"
+    )
+    prefetch: int = Field(3, ge=1, le=64, description="batches read ahead of the model")
+    threshold: float = Field(0.5, ge=0, le=1, description="score a detection needs")
+    merge: Literal["nms", "dbscan"] = Field(
+        "nms", description="how nearby hits become one detection"
+    )
+    radius_px: float = Field(32.0, gt=0, description="merge radius, level-0 pixels")
+    smooth_sigma: float = Field(1.0, ge=0, description="heatmap smoothing to place peaks, in windows")
+    top_k: int = Field(10, ge=1, description="windows in the top-k mean of the summary")
+    score_class: str | None = Field(None, description="class whose probability is the score (default: last)")
+    proposal_sigma_um: float = Field(1.0, gt=0, description="two-stage: blob smoothing, microns")
+    proposal_threshold: float = Field(
+        0.05, gt=0, description="two-stage: smoothed haematoxylin density (rgb2hed) a candidate needs"
+    )
+    proposal_min_distance_um: float = Field(4.0, gt=0, description="two-stage: candidates' spacing, microns")
+    gpu: bool | None = Field(None, description="require a GPU resource per task (default: when workers have one)")
+
+    def params_key(self, model_digest: str) -> str:
+        """Digest of the model and every option that changes the outputs."""
+        content = self.model_dump(exclude={"prefetch", "gpu"})
+        blob = json.dumps({"model": model_digest, **content}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "InferConfig":
+        data, prefix = read_yaml(path, section="infer") if path else ({}, "")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return load_model(cls, data, source=str(path) if path else "infer options", prefix=prefix)
 
 
 def read_yaml(path: str | os.PathLike, section: str | None = None) -> tuple[dict[str, Any], str]:

@@ -38,10 +38,14 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcpath.cli import dataset, info, synth, tile
+    from hpcpath.cli import dataset, evaluate, infer, info, synth, tile, train
 
     cli.add_command(tile.tile)
     cli.add_command(dataset.dataset)
+    cli.add_command(train.train)
+    cli.add_command(train.mine)
+    cli.add_command(infer.infer)
+    cli.add_command(evaluate.evaluate)
     cli.add_command(synth.synth)
     cli.add_command(info.info)
 

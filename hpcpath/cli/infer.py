@@ -1,0 +1,100 @@
+"""``hpcpath infer``: a saved model over slides or slide stores, on Dask workers (GPUs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from hpcpath.cli.common import cluster_options
+
+
+class _Report:
+    """One line per failed slide at once; a status line every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.interval = interval
+        self.slides = self.done = self.windows = 0
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "start":
+            self.slides = info["slides"]
+        elif kind == "windows":
+            self.windows += info["n"]
+        elif kind == "tiling":
+            click.echo(f"hpcpath: tiling {info['slides']} slide(s) first", err=True)
+        elif kind == "slide":
+            self.done += 1
+            row = info["row"]
+            if row["status"] == "failed":
+                click.echo(f"hpcpath: {row['error']}", err=True)
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.status()
+
+    def status(self) -> None:
+        secs = time.perf_counter() - self.t0
+        click.echo(f"[infer] slides {self.done}/{self.slides}  windows {self.windows}  "
+                   f"{self.windows / max(secs, 1e-9):,.0f} windows/s  {secs:,.0f}s", err=True)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="SLIDES_OR_STORES...")
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="Model folder (model.keras + hpcpath-model.json).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Output folder: overlays, detections, summary.csv, tasks.csv (slides are tiled into OUT/stores).")
+@click.option("--config", "config_file", type=click.Path(), help="YAML with infer options (top level or under 'infer:').")
+@click.option("--name", help="Name of the predictions in the stores [the model folder's name].")
+@click.option("--mode", type=click.Choice(["window", "two-stage"]), help="Sliding window, or proposals + patch classification (points models) [window].")
+@click.option("--stride", type=int, help="Window stride in patch pixels [the store's tile stride].")
+@click.option("--batch-size", type=int, help="Patches per model call [64].")
+@click.option("--tta/--no-tta", default=None, help="Average the 8 dihedral transforms [no].")
+@click.option("--tissue-threshold", type=float, help="Minimum tissue fraction of a window [the store's].")
+@click.option("--windows-per-task", type=int, help="Windows per Dask task; bigger slides are split [8192].")
+@click.option("--threshold", type=float, help="Score a detection needs [0.5].")
+@click.option("--merge", type=click.Choice(["nms", "dbscan"]), help="Merging nearby hits [nms].")
+@click.option("--radius", "radius_px", type=float, help="Merge radius, level-0 pixels [32].")
+@click.option("--score-class", help="Class whose probability is the score [the last].")
+@click.option("--gpu/--no-gpu", default=None, help="Require a GPU per task [when the workers have GPUs].")
+@click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides of STORES.")
+@click.option("--wait-workers", type=int, default=1, show_default=True,
+              help="Start once this many workers are connected (or the cluster's worker_timeout passed).")
+@cluster_options
+def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, cluster, workers, **options):
+    """Run a model over SLIDES_OR_STORES: heatmaps into each store's predictions/<name>,
+    overlay PNGs, detections (CSV and QuPath GeoJSON) for points models, and run tables.
+
+    Complete slides are skipped on a rerun.  Exit status: 0 when every slide finished, 1 when
+    any failed, 2 on usage errors (bad options, model folder, config, output).
+    """
+    from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
+    from hpcpath.config import InferConfig
+    from hpcpath.infer import infer_slides
+    from hpcpath.infer.run import check_model
+
+    cfg = InferConfig.load(config_file, **options)
+    check_model(model_dir, cfg)
+    spec = parse_cluster_spec(cluster)
+    with cluster_client(spec, n_workers_override=workers) as client:
+        click.echo(f"hpcpath: dashboard {dashboard_link(client)}", err=True)
+        if wait_workers > 1:
+            try:
+                client.wait_for_workers(wait_workers, timeout=getattr(spec, "worker_timeout", 60))
+            except TimeoutError:
+                n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+                click.echo(f"hpcpath: warning: {n} of {wait_workers} workers connected; going on", err=True)
+        report = _Report()
+        result = infer_slides(list(inputs), model_dir, out_dir, cfg, client=client,
+                              slide_dirs=list(slide_dirs), on_event=report)
+        report.status()
+    done = [r for r in result.rows if r["status"] == "complete"]
+    reused = sum(bool(r.get("reused")) for r in done)
+    click.echo(
+        f"hpcpath: {len(done)} predicted ({reused} already complete), {len(result.failed)} failed; "
+        f"{result.windows} windows; summary {result.summary_path}", err=True)
+    if result.failed:
+        sys.exit(1)

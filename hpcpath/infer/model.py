@@ -1,0 +1,171 @@
+"""The model on a worker: loaded once per process, reused by every task that runs there.
+
+TensorFlow is configured before its first use in the process: it sees only the GPUs of
+``CUDA_VISIBLE_DEVICES`` (set by Slurm for the job, narrowed per worker process by
+``hpcpath.cluster.dask_setup``), with memory growth on, so two workers never fight over one
+device's memory.  Prediction goes through one traced function per model and batch size; the
+last, short batch of a task is padded, so every window is predicted in a batch of the same
+shape whichever worker runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcpath.errors import HpcpathError
+from hpcpath.modelio import META_FILE, MODEL_FILE, ModelMeta
+
+__all__ = ["LoadedModel", "cached_model", "configure_tensorflow", "device_record", "model_digest"]
+
+_LOCK = threading.Lock()
+_CACHE: dict[tuple, "LoadedModel"] = {}
+_TF_READY: list[str] | None = None
+
+
+def configure_tensorflow() -> list[str]:
+    """Once per process: quiet C++ logs, memory growth on every visible GPU.  Returns the
+    names of the GPUs TensorFlow sees (empty on CPU-only machines)."""
+    global _TF_READY
+    if _TF_READY is not None:
+        return _TF_READY
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError):  # already initialised by someone else: keep going
+            pass
+    _TF_READY = [g.name for g in gpus]
+    return _TF_READY
+
+
+def device_record() -> dict[str, Any]:
+    """Where this task runs: the GPU Slurm gave it, the Dask worker, host, Slurm job."""
+    import socket
+
+    try:
+        from distributed import get_worker
+
+        worker = str(get_worker().name)
+    except (ImportError, ValueError):
+        worker = ""
+    return {
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "tf_gpus": len(_TF_READY or []),
+        "worker": worker,
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+    }
+
+
+def model_digest(directory: str | os.PathLike) -> str:
+    """Content digest of a model folder (weights and metadata): outputs made with another
+    model never pass for this one's."""
+    import hashlib
+
+    d = Path(directory)
+    h = hashlib.sha256()
+    for name in (MODEL_FILE, META_FILE):
+        try:
+            with open(d / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except FileNotFoundError:
+            raise HpcpathError(f"not an hpcpath model folder (no {name})", d) from None
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    """A Keras model, what it expects, and a batch predictor returning (B, C) float32."""
+
+    model: Any
+    meta: ModelMeta
+    path: str
+    n_outputs: int
+    _fns: dict
+
+    def predict(self, inputs: dict[str, np.ndarray] | np.ndarray, batch_size: int,
+                tta: bool = False) -> np.ndarray:
+        """Scores for one batch (``len <= batch_size``), padded to ``batch_size`` so the
+        traced function always sees one shape.  With ``tta`` the 8 dihedral transforms of
+        every input are predicted and averaged."""
+        from hpcpath.infer.detect import DIHEDRAL, dihedral
+
+        feeds = inputs if isinstance(inputs, dict) else {"main": inputs}
+        n = len(next(iter(feeds.values())))
+        if n == 0:
+            return np.zeros((0, self.n_outputs), np.float32)
+        padded = {k: _pad(v, batch_size) for k, v in feeds.items()}
+        fn = self._fn(batch_size)
+        if not tta:
+            return self._call(fn, padded)[:n]
+        acc = np.zeros((batch_size, self.n_outputs), np.float64)
+        for k in DIHEDRAL:
+            acc += self._call(fn, {name: np.ascontiguousarray(dihedral(v, k)) for name, v in padded.items()})
+        return (acc / len(DIHEDRAL)).astype(np.float32)[:n]
+
+    def _call(self, fn, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        args = [feeds[name] for name in self.meta.inputs]
+        out = fn(args[0] if len(args) == 1 else args)
+        out = np.asarray(out, np.float32)
+        return out.reshape(out.shape[0], -1)
+
+    def _fn(self, batch_size: int):
+        fn = self._fns.get(batch_size)
+        if fn is None:
+            import tensorflow as tf
+
+            model = self.model
+            fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            self._fns[batch_size] = fn
+        return fn
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    if len(a) == n:
+        return a
+    out = np.zeros((n, *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def cached_model(directory: str | os.PathLike) -> LoadedModel:
+    """The model of ``directory``, loaded on first use in this process and kept.
+
+    The cache key holds the folder's real path and its files' modification times, so a
+    model saved anew under the same path is loaded again.  Thread-safe.
+    """
+    from hpcpath.modelio import load_model
+
+    d = Path(directory).resolve()
+    try:
+        key = (str(d), *((d / f).stat().st_mtime_ns for f in (MODEL_FILE, META_FILE)))
+    except FileNotFoundError:
+        key = (str(d),)
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+        configure_tensorflow()
+        model, meta = load_model(d)
+        shape = model.output_shape
+        shape = shape[0] if isinstance(shape, list) else shape
+        n_out = int(np.prod([s for s in shape[1:] if s is not None])) if len(shape) > 1 else 1
+        if meta.inputs and len(meta.inputs) != len(model.inputs):
+            raise HpcpathError(
+                f"model has {len(model.inputs)} inputs but {META_FILE} names {len(meta.inputs)} "
+                f"({', '.join(meta.inputs)})", d)
+        loaded = LoadedModel(model, meta, str(d), n_out, {})
+        for k in [k for k in _CACHE if k[0] == str(d)]:
+            del _CACHE[k]  # an older version of this folder's model
+        _CACHE[key] = loaded
+        return loaded

@@ -1,0 +1,311 @@
+"""The inference driver: slides or stores in, predictions, detections and tables out.
+
+The per-slide loop is ``hpcpath.stage.run_per_slide`` (the one tiling and dataset building
+use): a plan task per store, then one prediction task per row block (``resources={"GPU":
+1}`` when the workers advertise GPUs), then a finishing task.  No pixel reaches the driver;
+it reads each slide's small summary from the store when the slide is done and rewrites the
+run tables (``summary.csv``, ``tasks.csv``) atomically.
+
+Restarts: a store whose ``predictions/<name>`` is complete with the same ``params_key``
+(model content + options) and whose output files exist is skipped; anything else is
+redone from its plan.  A worker lost mid-slide (Slurm job cancelled, node killed) makes Dask
+run its tasks elsewhere; they rewrite the same chunks, so outputs are neither duplicated
+nor missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from hpcpath.config import InferConfig, TileConfig
+from hpcpath.errors import HpcpathError, OutputError
+from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS, read_table, write_table
+from hpcpath.infer.predictions import open_predictions, predictions_complete
+from hpcpath.infer.tasks import (detect_candidates, finish_predictions, output_paths,
+                                 plan_predictions, predict_windows)
+from hpcpath.manifest import MANIFEST_NAME
+from hpcpath.stage import run_per_slide
+
+__all__ = ["InferResult", "infer_slides", "check_model", "prediction_name", "SUMMARY_NAME", "TASKS_NAME"]
+
+SUMMARY_NAME = "summary.csv"
+TASKS_NAME = "tasks.csv"
+RUN_MARKER = "hpcpath-infer.json"
+
+
+@dataclass
+class InferResult:
+    out_dir: Path
+    name: str
+    rows: list[dict[str, Any]]
+    summary_path: Path
+    tasks_path: Path
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def windows(self) -> int:
+        return sum(int(r.get("windows") or 0) for r in self.rows if not r.get("reused"))
+
+
+def prediction_name(model_dir: str | os.PathLike, name: str | None = None) -> str:
+    """``name``, or the model folder's name made safe for a Zarr group."""
+    if name:
+        return name
+    base = Path(model_dir).resolve().name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "model"
+
+
+def _check_output(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".hpcpath-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out) from None
+
+
+def _claim_output(out: Path, name: str, model_info: dict) -> None:
+    """One output folder holds one prediction name (file names carry only the slide id):
+    refuse a folder another name's run wrote, record ours."""
+    from hpcpath.infer.outputs import write_atomic
+
+    marker = out / RUN_MARKER
+    if marker.exists():
+        try:
+            prev = json.loads(marker.read_text()).get("name")
+        except ValueError:
+            prev = None
+        if prev not in (None, name):
+            raise OutputError(f"holds the outputs of predictions {prev!r}; use another output "
+                              f"folder for {name!r}", out)
+    doc = {"format": "hpcpath-infer/1", "name": name, "model": model_info}
+    write_atomic(marker, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _split_inputs(inputs) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """(stores, slides, bad inputs with a reason)."""
+    from hpcpath.io import discover_slides
+
+    stores, slides, bad = [], [], []
+    for raw in inputs:
+        p = Path(raw)
+        if p.suffix == ".zarr":
+            if p.is_dir():
+                stores.append(p)
+            else:
+                bad.append((p, "no such slide store"))
+        elif p.is_dir() and any(c.suffix == ".zarr" and c.is_dir() for c in p.iterdir()):
+            stores += sorted(c for c in p.iterdir() if c.suffix == ".zarr" and c.is_dir())
+        else:
+            slides += discover_slides([p])
+    return stores, slides, bad
+
+
+def _slide_source(store: Path, meta: dict, slide_dirs: list[Path]) -> Path | None:
+    """The slide a store was made from: a ``--slides`` folder, else the tiling manifest next
+    to the store (stores keep only the file name)."""
+    name = meta["slide"]["source_name"]
+    for d in slide_dirs:
+        if (d / name).exists():
+            return d / name
+    manifest = store.parent / MANIFEST_NAME
+    if manifest.exists():
+        try:
+            rec = json.loads(manifest.read_text()).get("slides", {}).get(meta["slide"]["slide_id"])
+        except ValueError:
+            rec = None
+        if rec and Path(rec["source"]).exists():
+            return Path(rec["source"])
+    return None
+
+
+def _with_path(error: str, path: Path) -> str:
+    """``error`` if it starts with the file it concerns, else prefixed with ``path``."""
+    head = error.split(": ", 1)[0]
+    return error if head and (head == str(path) or Path(head).exists()) else f"{path}: {error}"
+
+
+def _wants_gpu(client, cfg: InferConfig) -> bool:
+    if cfg.gpu is not None:
+        return cfg.gpu
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
+
+
+def _row_from_summary(sid: str, store: Path, name: str, info: dict, seconds: float,
+                      reused: bool) -> dict[str, Any]:
+    s = info.get("summary") or {}
+    return {"slide_id": sid, "status": "complete", "reused": reused, "name": name,
+            "mode": info.get("mode"), "task": info.get("model", {}).get("task"),
+            "seconds": round(seconds, 3), "store": str(store), "error": None,
+            **{k: v for k, v in s.items() if k in SUMMARY_COLUMNS}}
+
+
+def check_model(model_dir: str | os.PathLike, cfg: InferConfig):
+    """The model's metadata, or a one-line error: no model folder, unreadable metadata,
+    missing weights file, or a mode the model cannot do.  No TensorFlow needed."""
+    from hpcpath.modelio import MODEL_FILE, load_meta
+
+    model_dir = Path(model_dir)
+    meta = load_meta(model_dir)
+    if not (model_dir / MODEL_FILE).is_file():
+        raise HpcpathError(f"model file missing ({MODEL_FILE})", model_dir)
+    if cfg.mode == "two-stage" and meta.task != "points":
+        raise HpcpathError(f"two-stage detection needs a points model; this one is "
+                           f"{meta.task!r} (use --mode window)", model_dir)
+    return meta
+
+
+def infer_slides(
+    inputs: list[str | os.PathLike],
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: InferConfig | None = None,
+    *,
+    client=None,
+    slide_dirs: list[str | os.PathLike] = (),
+    tile_config: TileConfig | None = None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> InferResult:
+    """Run the model in ``model_dir`` over slides or slide stores; write to ``out_dir``.
+
+    Slides (files or folders of them) are first tiled into ``out_dir/stores`` (reusing
+    complete stores); stores are used where they are and get ``predictions/<name>``.  Per
+    slide, ``out_dir`` receives ``<slide_id>.overlay.png`` and, for points models,
+    ``<slide_id>.detections.csv`` / ``.geojson``; ``summary.csv`` holds one row per slide,
+    ``tasks.csv`` one row per prediction task (where it ran, for how long).
+    """
+    from distributed import default_client
+
+    from hpcpath.infer.model import model_digest
+    from hpcpath.store import open_store
+
+    cfg = cfg or InferConfig()
+    client = client or default_client()
+    out = Path(out_dir)
+    emit = on_event or (lambda kind, info: None)
+    model_dir = Path(model_dir)
+    mmeta = check_model(model_dir, cfg)  # a bad model folder stops here, before any work
+    digest = model_digest(model_dir)
+    _check_output(out)
+    name = prediction_name(model_dir, cfg.name)
+    key = cfg.params_key(digest + name)
+    model_info = {"path": str(model_dir.resolve()), "digest": digest,
+                  "architecture": mmeta.architecture}
+    _claim_output(out, name, model_info)
+    summary_path, tasks_path = out / SUMMARY_NAME, out / TASKS_NAME
+    table = {r["slide_id"]: r for r in read_table(summary_path)}
+    task_rows = [r for r in read_table(tasks_path)]
+    rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any], tasks: list[dict] | None = None) -> None:
+        nonlocal task_rows
+        rows.append(row)
+        table[row["slide_id"]] = row
+        write_table(summary_path, [table[k] for k in sorted(table)], SUMMARY_COLUMNS)
+        if tasks is not None:
+            task_rows = [r for r in task_rows if r["slide_id"] != row["slide_id"]]
+            task_rows += [{"slide_id": row["slide_id"], **t,
+                           "rows": "-".join(map(str, t.get("rows", []))),
+                           "candidates": t.get("candidates")} for t in tasks]
+            task_rows.sort(key=lambda r: (r["slide_id"], int(r["task"])))
+            write_table(tasks_path, task_rows, TASK_COLUMNS)
+        emit("slide", {"row": row})
+
+    def failure(sid: str, error: str, store: Path | str | None = None, seconds: float = 0.0):
+        record({"slide_id": sid, "status": "failed", "reused": False, "name": name,
+                "mode": cfg.mode, "error": error, "seconds": round(seconds, 3),
+                "store": str(store or "")}, tasks=[])
+
+    stores, slides, bad = _split_inputs(inputs)
+    for p, why in bad:
+        failure(p.stem, f"{p}: {why}")
+    sources: dict[str, Path | None] = {}
+    if slides:
+        from hpcpath.tiling import tile_slides
+
+        tcfg = tile_config or (TileConfig(tile_size=mmeta.patch_size, mpp=mmeta.patch_mpp)
+                               if mmeta.patch_mpp else TileConfig(tile_size=mmeta.patch_size))
+        emit("tiling", {"slides": len(slides)})
+        res = tile_slides(slides, out / "stores", tcfg, client=client)
+        for rec in res.records:
+            if rec.status in ("complete", "empty"):  # no tissue: still a store, 0 windows
+                stores.append(out / "stores" / f"{rec.slide_id}.zarr")
+                sources[rec.slide_id] = Path(rec.source)
+            else:
+                failure(rec.slide_id, f"{rec.source}: {rec.error}")
+    dirs = [Path(d) for d in slide_dirs]
+    plans: dict[str, tuple[Callable, tuple]] = {}
+    by_id: dict[str, Path] = {}
+    for st in stores:
+        try:
+            meta = open_store(st).meta
+        except HpcpathError as exc:
+            failure(st.stem, str(exc), st)
+            continue
+        sid = meta["slide"]["slide_id"]
+        if sid in by_id:
+            failure(sid, f"{st}: slide id {sid!r} is also {by_id[sid]}", st)
+            continue
+        by_id[sid] = st
+        src = sources.get(sid) or _slide_source(st, meta, dirs)
+        paths = output_paths(str(out), sid)
+        needed = [paths["overlay"]] + ([paths["csv"], paths["geojson"]] if mmeta.task == "points" else [])
+        if predictions_complete(st, name, key) and all(p.exists() for p in needed):
+            info = open_predictions(st, name).info
+            record(_row_from_summary(sid, st, name, info, 0.0, True),
+                   tasks=(info.get("summary") or {}).get("task_records", []))
+            continue
+        plans[sid] = (plan_predictions, (str(st), str(src) if src else None, str(model_dir),
+                                         name, cfg, key, model_info))
+    emit("start", {"slides": len(plans) + len(rows), "submitted": len(plans)})
+
+    run = f"{key}-{uuid.uuid4().hex[:8]}"  # keys unique per run: never reuse an old result
+    resources = {"GPU": 1} if plans and _wants_gpu(client, cfg) else None
+    task_fn = predict_windows if cfg.mode == "window" else detect_candidates
+
+    def expand(sid: str, plan: dict) -> list:
+        emit("plan", {"slide_id": sid, "windows": plan["n_windows"], "tasks": len(plan["blocks"])})
+        src = plans[sid][1][1]
+        futs = [
+            client.submit(task_fn, plan["store"], src, str(model_dir), name, k, r0, r1, cfg,
+                          key=f"infer-{sid}-{k}-{run}", pure=False, retries=1, resources=resources)
+            for k, (r0, r1) in enumerate(plan["blocks"])
+        ]
+        fin = client.submit(finish_predictions, plan["store"], name, str(out), cfg, *futs,
+                            key=f"infer-finish-{sid}-{run}", pure=False)
+        return [(f, "windows") for f in futs] + [(fin, "finish")]
+
+    def finish(sid: str, o) -> None:
+        st = by_id[sid]
+        if o.error is not None:
+            failure(sid, _with_path(o.error, st), st, o.seconds)
+            return
+        try:
+            info = open_predictions(st, name).info
+        except HpcpathError as exc:
+            failure(sid, str(exc), st, o.seconds)
+            return
+        record(_row_from_summary(sid, st, name, info, o.seconds, False),
+               tasks=info["summary"].get("task_records", []))
+
+    def on_task(sid: str, kind: str, n: int) -> None:
+        if kind == "windows":
+            emit("windows", {"slide_id": sid, "n": n})
+
+    run_per_slide(client, plans, expand, finish, key=run, on_task=on_task)
+    return InferResult(out, name, rows, summary_path, tasks_path)
