@@ -25,7 +25,7 @@ def keep_large_buffers(force: bool = False) -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: return memory above 256 MB free
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: give back free memory above 64 MB
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers up to 32 MB from the heap
     except (OSError, AttributeError):
         pass

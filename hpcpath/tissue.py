@@ -119,8 +119,11 @@ def tile_tissue_fraction(
         return np.zeros(0, np.float32)
     sx, sy = scale
     h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.int64)
-    sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+    # int32 halves the table (counts never exceed the mask's pixel count, < 2**31)
+    dt = np.int32 if h * w < 2**31 else np.int64
+    sat = np.zeros((h + 1, w + 1), dt)
+    np.cumsum(mask, axis=0, dtype=dt, out=sat[1:, 1:])
+    np.cumsum(sat[1:, 1:], axis=1, out=sat[1:, 1:])
     # mask column j has centre (j + 0.5) * sx; inside [x, x + bw) <=> j in [ceil(x/sx - .5), ceil((x+bw)/sx - .5))
     x, y, bw, bh = boxes.T
     c0 = np.clip(np.ceil(x / sx - 0.5), 0, w).astype(np.int64)
