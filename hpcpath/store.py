@@ -36,6 +36,8 @@ __all__ = [
     "store_path",
     "is_complete",
     "mark_complete",
+    "check_output_dir",
+    "slide_source",
     "remove_store",
 ]
 
@@ -45,6 +47,43 @@ NGFF_VERSION = "0.5"
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
     return Path(out_dir) / f"{slide_id}.zarr"
+
+
+def check_output_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and prove it writable, before any work is submitted."""
+    from hpcpath.errors import OutputError
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".hpcpath-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out) from None
+    return out
+
+
+def slide_source(store: str | os.PathLike, meta: dict, slide_dirs: list[Path] = ()) -> Path | None:
+    """The slide file a store was made from: from ``slide_dirs``, else the tiling manifest
+    next to the store (stores keep only the file name, for privacy)."""
+    import json
+
+    from hpcpath.manifest import MANIFEST_NAME
+
+    name = meta["slide"]["source_name"]
+    for d in slide_dirs:
+        if (Path(d) / name).exists():
+            return Path(d) / name
+    manifest = Path(store).parent / MANIFEST_NAME
+    if manifest.exists():
+        try:
+            rec = json.loads(manifest.read_text()).get("slides", {}).get(meta["slide"]["slide_id"])
+        except ValueError:
+            rec = None
+        if rec and Path(rec["source"]).exists():
+            return Path(rec["source"])
+    return None
 
 
 def _meta(root: zarr.Group) -> dict[str, Any]:

@@ -29,12 +29,12 @@ import numpy as np
 from hpcpath._malloc import keep_large_buffers
 from hpcpath._version import __version__
 from hpcpath.config import TileConfig
-from hpcpath.errors import HpcpathError, OutputError, SlideError
+from hpcpath.errors import HpcpathError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.stage import one_line, run_per_slide
-from hpcpath.store import INDEX_COLUMNS, is_complete, mark_complete, ngff_multiscales, remove_store, store_path
+from hpcpath.store import INDEX_COLUMNS, check_output_dir, is_complete, mark_complete, ngff_multiscales, remove_store, store_path
 from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
 __all__ = ["TileGeometry", "tile_geometry", "tile_grid", "tile_slides", "RunResult"]
@@ -420,16 +420,6 @@ class RunResult:
         return sum(r.tiles or 0 for r in self.records)
 
 
-def _check_output(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".hpcpath-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out) from None
-
-
 def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: str) -> list[tuple[Any, str]]:
     """Tile-writing and pyramid tasks for one planned slide, as (future, kind) pairs."""
     sid, store = plan["slide_id"], plan["store"]
@@ -471,7 +461,7 @@ def tile_slides(
     cfg = cfg or TileConfig()
     client = client or default_client()
     out = Path(out_dir)
-    _check_output(out)
+    check_output_dir(out)
     emit = on_event or (lambda kind, info: None)
     manifest = Manifest.load(out)
     paths = discover_slides(inputs)

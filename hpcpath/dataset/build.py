@@ -27,8 +27,8 @@ import numpy as np
 from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import DatasetConfig
 from hpcpath.errors import HpcpathError, OutputError
-from hpcpath.manifest import MANIFEST_NAME
 from hpcpath.stage import run_per_slide
+from hpcpath.store import slide_source
 
 __all__ = ["build_dataset", "DatasetBuildResult", "find_stores"]
 
@@ -49,21 +49,6 @@ def find_stores(inputs: list[str | os.PathLike]) -> list[Path]:
         else:
             raise HpcpathError("not a slide store (.zarr) or a folder of them", p)
     return out
-
-
-def _slide_source(store: Path, meta: dict, slide_dirs: list[Path]) -> Path | None:
-    """The slide file a store was made from: from ``--slides`` folders, else the tiling
-    manifest next to the store (stores keep only the file name, for privacy)."""
-    name = meta["slide"]["source_name"]
-    for d in slide_dirs:
-        if (d / name).exists():
-            return d / name
-    manifest = store.parent / MANIFEST_NAME
-    if manifest.exists():
-        rec = json.loads(manifest.read_text()).get("slides", {}).get(meta["slide"]["slide_id"])
-        if rec and Path(rec["source"]).exists():
-            return Path(rec["source"])
-    return None
 
 
 def _is_annotation(path: Path) -> bool:
@@ -322,7 +307,7 @@ def build_dataset(
     failed: dict[str, str] = {}
     plans = {}
     for sid, p in by_id.items():
-        src = _slide_source(p, metas[p], dirs) if need_pixels else None
+        src = slide_source(p, metas[p], dirs) if need_pixels else None
         if need_pixels and src is None:
             failed[sid] = f"{p}: slide file {metas[p]['slide']['source_name']!r} not found (pass --slides DIR)"
             emit("failed", {"slide_id": sid, "error": failed[sid]})

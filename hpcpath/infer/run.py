@@ -29,8 +29,8 @@ from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS, read_table, wri
 from hpcpath.infer.predictions import open_predictions, predictions_complete
 from hpcpath.infer.tasks import (detect_candidates, finish_predictions, output_paths,
                                  plan_predictions, predict_windows)
-from hpcpath.manifest import MANIFEST_NAME
 from hpcpath.stage import run_per_slide
+from hpcpath.store import check_output_dir, slide_source
 
 __all__ = ["InferResult", "infer_slides", "check_model", "prediction_name", "SUMMARY_NAME", "TASKS_NAME"]
 
@@ -67,15 +67,6 @@ def prediction_name(model_dir: str | os.PathLike, name: str | None = None) -> st
     base = Path(model_dir).resolve().name
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "model"
 
-
-def _check_output(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".hpcpath-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"output folder is not writable ({exc.strerror or exc})", out) from None
 
 
 def _claim_output(out: Path, name: str, model_info: dict) -> None:
@@ -114,23 +105,6 @@ def _split_inputs(inputs) -> tuple[list[Path], list[Path], list[tuple[Path, str]
             slides += discover_slides([p])
     return stores, slides, bad
 
-
-def _slide_source(store: Path, meta: dict, slide_dirs: list[Path]) -> Path | None:
-    """The slide a store was made from: a ``--slides`` folder, else the tiling manifest next
-    to the store (stores keep only the file name)."""
-    name = meta["slide"]["source_name"]
-    for d in slide_dirs:
-        if (d / name).exists():
-            return d / name
-    manifest = store.parent / MANIFEST_NAME
-    if manifest.exists():
-        try:
-            rec = json.loads(manifest.read_text()).get("slides", {}).get(meta["slide"]["slide_id"])
-        except ValueError:
-            rec = None
-        if rec and Path(rec["source"]).exists():
-            return Path(rec["source"])
-    return None
 
 
 def _with_path(error: str, path: Path) -> str:
@@ -201,7 +175,7 @@ def infer_slides(
     model_dir = Path(model_dir)
     mmeta = check_model(model_dir, cfg)  # a bad model folder stops here, before any work
     digest = model_digest(model_dir)
-    _check_output(out)
+    check_output_dir(out)
     name = prediction_name(model_dir, cfg.name)
     key = cfg.params_key(digest + name)
     model_info = {"path": str(model_dir.resolve()), "digest": digest,
@@ -262,7 +236,7 @@ def infer_slides(
             failure(sid, f"{st}: slide id {sid!r} is also {by_id[sid]}", st)
             continue
         by_id[sid] = st
-        src = sources.get(sid) or _slide_source(st, meta, dirs)
+        src = sources.get(sid) or slide_source(st, meta, dirs)
         paths = output_paths(str(out), sid)
         needed = [paths["overlay"]] + ([paths["csv"], paths["geojson"]] if mmeta.task == "points" else [])
         if predictions_complete(st, name, key) and all(p.exists() for p in needed):
