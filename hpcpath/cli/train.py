@@ -27,6 +27,11 @@ def _quiet_tensorflow() -> None:
         os.dup2(held.fileno(), 2)
         try:
             import tensorflow  # noqa: F401
+        except ModuleNotFoundError:
+            os.dup2(saved, 2)
+            from hpcpath.errors import ConfigError
+
+            raise ConfigError("training needs TensorFlow: pip install 'hpcpath[train]'") from None
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)
