@@ -164,6 +164,17 @@ def _loaded(model_dir: str, info: dict):
     return lm
 
 
+def _task_context(store: str, name: str, model_dir: str, r0: int, r1: int):
+    """What every prediction task starts from: the predictions group and its attributes, the
+    window grid, the windows of grid rows [r0, r1) (as the slice a:b) and the cached model."""
+    keep_large_buffers()
+    g, info = _open(store, name)
+    grid = WindowGrid(**info["grid"])
+    windows = g["windows"][:]
+    a, b = _rows(windows, r0, r1)
+    return g, info, grid, windows, a, b, _loaded(model_dir, info)
+
+
 def predict_windows(store: str, slide_path: str | None, model_dir: str, name: str, k: int,
                     r0: int, r1: int, cfg: InferConfig) -> int:
     """Worker task: every window in grid rows [r0, r1); writes those heatmap rows (whole
@@ -171,12 +182,7 @@ def predict_windows(store: str, slide_path: str | None, model_dir: str, name: st
     from hpcpath.infer.reader import Prefetcher, rebatch, slide_pieces, tile_pieces
 
     t0 = time.perf_counter()
-    keep_large_buffers()
-    g, info = _open(store, name)
-    grid = WindowGrid(**info["grid"])
-    windows = g["windows"][:]
-    a, b = _rows(windows, r0, r1)
-    lm = _loaded(model_dir, info)
+    g, info, grid, windows, a, b, lm = _task_context(store, name, model_dir, r0, r1)
     batch = cfg.batch_size
     if info["source"] == "tiles":
         import zarr
@@ -220,13 +226,8 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
     from hpcpath.io import open_slide
 
     t0 = time.perf_counter()
-    keep_large_buffers()
-    g, info = _open(store, name)
-    grid = WindowGrid(**info["grid"])
-    windows = g["windows"][:]
-    a, b = _rows(windows, r0, r1)
+    g, info, grid, windows, a, b, lm = _task_context(store, name, model_dir, r0, r1)
     sel = windows[a:b].astype(np.int64)
-    lm = _loaded(model_dir, info)
     slide = open_slide(slide_path, cached=True)
     d, p, s = grid.downsample, grid.patch, grid.stride
     centres = grid.centres(sel) / d  # patch pixels
