@@ -20,6 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
+from hpcpath._malloc import keep_large_buffers
+from hpcpath.chunkread import ChunkReader
 from hpcpath.errors import HpcpathError
 
 __all__ = ["PatchDataset", "open_dataset", "Batch"]
@@ -47,14 +49,14 @@ class _StoreArrays:
         if not info.get("complete"):
             raise HpcpathError(f"dataset {name!r} is incomplete in this store; rebuild it", path)
         if info["source"] == "tiles":
-            self.images = root["tiles/images"]
+            self.images = ChunkReader(root["tiles/images"])
             self.item_index = self.group["item_index"][:]
         else:
-            self.images = self.group["images"]
+            self.images = ChunkReader(self.group["images"])
             self.item_index = None
         self.rotation = self.group["rotation"][:]
         self.context = {
-            k: self.group[f"context/{k}"] for k in (self.group["context"].array_keys() if "context" in self.group else [])
+            k: ChunkReader(self.group[f"context/{k}"]) for k in (self.group["context"].array_keys() if "context" in self.group else [])
         }
 
     def rows(self, items: np.ndarray) -> np.ndarray:
@@ -143,17 +145,18 @@ class PatchDataset:
         """Stream batches.  Read units are visited in a (seeded, per-epoch) random order and
         items are shuffled within a buffer of ``buffer_units`` units, so memory stays at a
         few chunks whatever the dataset size.  Each item is copied once, into its batch."""
+        keep_large_buffers()
         rng = np.random.default_rng([seed, epoch])
         unit_key = self.store_of.astype(np.int64) * (1 << 32) + self.chunk
         units, inverse = np.unique(unit_key, return_inverse=True)
         order = rng.permutation(len(units)) if shuffle else np.arange(len(units))
         members = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[members], np.arange(len(units) + 1))
-        parts: list[dict[str, np.ndarray]] = []
+        parts: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
         queue = np.zeros((0, 2), np.int64)  # (part, row) not yet served
         for pos, u in enumerate(order):
             parts.append(self._read(members[bounds[u] : bounds[u + 1]], context))
-            n_new = len(parts[-1]["labels"])
+            n_new = len(parts[-1]["slide"][1])
             queue = np.concatenate([queue, np.stack([np.full(n_new, len(parts) - 1), np.arange(n_new)], 1)])
             last = pos == len(order) - 1
             if not last and len(parts) - int(queue[:, 0].min()) < (buffer_units if shuffle else 1):
@@ -169,24 +172,27 @@ class PatchDataset:
         if len(queue) and not drop_remainder:
             yield _gather(parts, queue)
 
-    def _read(self, idx: np.ndarray, context: bool) -> dict[str, np.ndarray]:
-        """Images (and context) of items ``idx``, all in one store chunk: one read each."""
+    def _read(self, idx: np.ndarray, context: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The chunk holding items ``idx``, one read per array, and where each item sits in
+        it: ``name -> (block, row of each item in block)``.  Items are not picked out here --
+        ``_gather`` copies each one once, straight from the decoded block into its batch."""
         s = int(self.store_of[idx[0]])
         arr = self._arrays(s)
         items = self.item[idx]
         rows = arr.rows(items)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        images = arr.images[lo:hi]
-        if hi - lo != len(rows) or (rows[0] != lo or not (np.diff(rows) == 1).all()):
-            images = images[rows - lo]
+        images, local = arr.images.read(lo, hi), rows - lo
         rot = arr.rotation[items]
         if rot.any():
-            images = np.stack([np.rot90(im, k) for im, k in zip(images, rot)])
-        out = {"images": images, "labels": self.labels[idx], "slide": np.full(len(idx), s, np.int32)}
+            images = np.stack([np.rot90(images[r], k) for r, k in zip(local, rot)])
+            local = np.arange(len(idx))
+        every = np.arange(len(idx))
+        out = {"images": (images, local), "labels": (self.labels[idx], every),
+               "slide": (np.full(len(idx), s, np.int32), every)}
         if context:
             i0, i1 = int(items.min()), int(items.max()) + 1
             for name, carr in arr.context.items():
-                out[f"context/{name}"] = carr[i0:i1][items - i0]
+                out[f"context/{name}"] = (carr.read(i0, i1), items - i0)
         return out
 
     def to_tf(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, augment=None,
@@ -251,16 +257,20 @@ def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf[off : off + n].view(dtype).reshape(shape)
 
 
-def _gather(parts: list[dict[str, np.ndarray]], queue: np.ndarray) -> Batch:
-    """One batch from (part, row) pairs: each item copied once, straight into the batch."""
-    keys = [k for k in parts[int(queue[0, 0])]]
+def _gather(parts: list[dict[str, tuple[np.ndarray, np.ndarray]]], queue: np.ndarray) -> Batch:
+    """One batch from (part, item) pairs.  The batch is ordered by part (order within a batch
+    does not matter to training, and it stays the read order when not shuffled), so each
+    part fills one contiguous slice and every item is copied exactly once, by ``np.take``."""
+    queue = queue[np.argsort(queue[:, 0], kind="stable")]
+    cut = np.flatnonzero(np.diff(queue[:, 0])) + 1
+    spans = list(zip(np.r_[0, cut], np.r_[cut, len(queue)]))
+    first = parts[int(queue[0, 0])]
     out = {}
-    for k in keys:
-        ref = parts[int(queue[0, 0])][k]
+    for k, (ref, _) in first.items():
         dst = _aligned_empty((len(queue), *ref.shape[1:]), ref.dtype)
-        for p in np.unique(queue[:, 0]):
-            sel = queue[:, 0] == p
-            dst[sel] = parts[int(p)][k][queue[sel, 1]]
+        for a, b in spans:
+            block, local = parts[int(queue[a, 0])][k]
+            np.take(block, local[queue[a:b, 1]], axis=0, out=dst[a:b], mode="clip")  # unbuffered
         out[k] = dst
     return Batch(
         images=out["images"], labels=out["labels"], slide=out["slide"],

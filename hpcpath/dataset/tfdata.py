@@ -8,13 +8,15 @@ unless asked otherwise: models rescale on the device (a Rescaling layer), which 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import numpy as np
 
 from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import AugmentConfig
 
 if TYPE_CHECKING:
-    from hpcpath.dataset.reader import PatchDataset
+    from hpcpath.dataset.reader import Batch, PatchDataset
 
 
 def _hue_saturation_matrices(hue, sat):
@@ -50,14 +52,15 @@ def _dihedral(images, rnd, cfg: AugmentConfig):
     return tf.map_fn(one, (images, k, flip), fn_output_signature=images.dtype)
 
 
-def augment_batch(images, cfg: AugmentConfig, seed=None):
+def augment_batch(images, cfg: AugmentConfig, seed=None, rnd=None):
     """Augment a batch (uint8, or float32 in [0, 1]) into float32 in [0, 1], each image with
     its own draw: a dihedral transform (quarter turns, flips), then hue and saturation as one
-    colour matrix, contrast and brightness, clipped to [0, 1].  Vectorised over the batch."""
+    colour matrix, contrast and brightness, clipped to [0, 1].  Vectorised over the batch.
+    ``rnd`` (B, 8) uniforms: pass the same draw to augment inputs that show the same place."""
     import tensorflow as tf
 
-    b = tf.shape(images)[0]
-    rnd = tf.random.uniform((b, 8), seed=seed)
+    if rnd is None:
+        rnd = tf.random.uniform((tf.shape(images)[0], 8), seed=seed)
     x = _dihedral(images, rnd, cfg) if (cfg.rotate90 or cfg.flip) else images
     x = tf.image.convert_image_dtype(x, tf.float32)
     lo_s, hi_s = cfg.saturation
@@ -75,55 +78,68 @@ def augment_batch(images, cfg: AugmentConfig, seed=None):
     return tf.clip_by_value(x, 0.0, 1.0)
 
 
+def batches_to_tf(batches: Callable[[], Iterable["Batch"]], *, patch_size: int,
+                  label_shape: tuple[int, ...], context_names: Sequence[str] = (),
+                  augment: AugmentConfig | None = None, dtype: str = "uint8", prefetch: int = 2,
+                  on_batch: Callable[["Batch"], None] | None = None):
+    """The one hand-off from NumPy batches to ``tf.data``.  ``batches()`` is called each time
+    the dataset is (re)started.  Elements are ``(x, labels float32 of label_shape)``; x is the
+    image batch, or ``{"main": ..., "context_<name>": ...}`` with context patches.  Augmented
+    inputs of one item share one draw (the same turn, flip and colours for main and context
+    patches, which show the same place).  Batch memory is adopted by TensorFlow, not copied."""
+    import tensorflow as tf
+
+    if dtype not in ("uint8", "float32"):
+        raise ValueError(f"dtype must be uint8 or float32, got {dtype!r}")
+    names = ["main", *[f"context_{c}" for c in context_names]]
+
+    single = len(names) == 1
+
+    def gen():
+        keep_large_buffers(force=True)  # after TF's generator op set its own trim threshold
+        for b in batches():
+            if on_batch is not None:
+                on_batch(b)
+            y = b.labels.astype(np.float32).reshape(len(b.labels), *label_shape)
+            yield (b.images if single else (b.images, *[b.context[c] for c in context_names])), y
+
+    img = tf.TensorSpec((None, patch_size, patch_size, 3), tf.uint8)
+    out = tf.data.Dataset.from_generator(gen, output_signature=(
+        img if single else tuple(img for _ in names), tf.TensorSpec((None, *label_shape), tf.float32)))
+
+    def convert(x, y):
+        xs = [x] if single else list(x)
+        if augment:
+            rnd = tf.random.uniform((tf.shape(xs[0])[0], 8))  # one draw per item, for every input
+            xs = [augment_batch(v, augment, rnd=rnd) for v in xs]
+            if dtype == "uint8":
+                xs = [tf.image.convert_image_dtype(v, tf.uint8, saturate=True) for v in xs]
+        elif dtype == "float32":
+            xs = [tf.image.convert_image_dtype(v, tf.float32) for v in xs]
+        return (xs[0] if single else dict(zip(names, xs))), y
+
+    if augment or dtype != "uint8" or not single:
+        # augmented: one call at a time, so a seeded run draws the same augmentations again
+        # (each call's ops use the node's cores through TensorFlow's intra-op pool)
+        out = out.map(convert, num_parallel_calls=1 if augment else tf.data.AUTOTUNE)
+    return out.prefetch(prefetch)
+
+
 def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, seed: int = 0,
                   augment: AugmentConfig | bool | None = None, context: bool = False,
                   repeat: bool = False, prefetch: int = 2, dtype: str = "uint8"):
-    import numpy as np
-    import tensorflow as tf
-
+    """``PatchDataset.to_tf``: each pass over the dataset a new (seeded) epoch."""
     if augment is True:
         augment = AugmentConfig()
     first = next(ds.batches(1, context=context), None)
     if first is None:
         raise ValueError("the dataset is empty")
-    t = first.images.shape[1]
-    label_shape = first.labels.shape[1:]
-    ctx_names = sorted(first.context) if context else []
-    epoch = {"n": 0}
+    epoch = iter(range(1 << 62))
 
-    def gen():
-        keep_large_buffers(force=True)  # after TF's generator op set its own trim threshold
-        e = epoch["n"]
-        epoch["n"] += 1
-        for b in ds.batches(batch_size, shuffle=shuffle, seed=seed, epoch=e, context=context):
-            lab = b.labels.astype(np.float32)
-            if ctx_names:
-                yield (b.images, *[b.context[n] for n in ctx_names]), lab
-            else:
-                yield b.images, lab
+    def epoch_batches():
+        return ds.batches(batch_size, shuffle=shuffle, seed=seed, epoch=next(epoch), context=context)
 
-    img_spec = tf.TensorSpec((None, t, t, 3), tf.uint8)
-    x_spec = tuple([img_spec] * (1 + len(ctx_names))) if ctx_names else img_spec
-    out = tf.data.Dataset.from_generator(
-        gen, output_signature=(x_spec, tf.TensorSpec((None, *label_shape), tf.float32))
-    )
-
-    def convert(x, y):
-        xs = list(x) if isinstance(x, tuple) else [x]
-        if augment:
-            xs = [augment_batch(v, augment) for v in xs]
-            if dtype == "uint8":
-                xs = [tf.image.convert_image_dtype(v, tf.uint8, saturate=True) for v in xs]
-        elif dtype == "float32":
-            xs = [tf.image.convert_image_dtype(v, tf.float32) for v in xs]
-        if ctx_names:
-            return {"main": xs[0], **{f"context_{n}": v for n, v in zip(ctx_names, xs[1:])}}, y
-        return xs[0], y
-
-    if dtype not in ("uint8", "float32"):
-        raise ValueError(f"dtype must be uint8 or float32, got {dtype!r}")
-    if augment or dtype != "uint8" or ctx_names:
-        out = out.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-    if repeat:
-        out = out.repeat()
-    return out.prefetch(prefetch)
+    out = batches_to_tf(epoch_batches, patch_size=first.images.shape[1], label_shape=first.labels.shape[1:],
+                        context_names=sorted(first.context) if context else (),
+                        augment=augment or None, dtype=dtype, prefetch=prefetch)
+    return out.repeat() if repeat else out

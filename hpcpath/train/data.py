@@ -134,37 +134,10 @@ def digest(batch: Batch) -> str:
 
 def tf_batches(batches: Iterator[Batch], data: TrainData, *, augment=None, prefetch: int = 2,
                digests: deque | None = None):
-    """Batches as a ``tf.data.Dataset`` of ``(x, y)``: x uint8 (a dict by input name for
-    multi-scale models), y float32 ``(B, n_outputs)``; augmentation in TF ops after batching,
-    with the same geometric draw for the main and context patches of an item."""
-    import tensorflow as tf
+    """One pass of ``batches`` as a ``tf.data.Dataset`` of ``(x uint8, y float32 (B, n_outputs))``;
+    x is a dict by input name for multi-scale models (see ``batches_to_tf``)."""
+    from hpcpath.dataset.tfdata import batches_to_tf
 
-    from hpcpath._malloc import keep_large_buffers
-    from hpcpath.dataset.tfdata import augment_batch
-
-    names = ["main", *[f"context_{c}" for c in data.context_names]]
-    t = data.patch_size
-
-    def gen():
-        keep_large_buffers(force=True)  # after TF set its own trim threshold (see _malloc)
-        for b in batches:
-            if digests is not None:
-                digests.append(digest(b))
-            y = b.labels.astype(np.float32).reshape(len(b.labels), -1)
-            yield (b.images, *[b.context[c] for c in data.context_names]), y
-
-    spec = (tuple(tf.TensorSpec((None, t, t, 3), tf.uint8) for _ in names),
-            tf.TensorSpec((None, data.n_outputs), tf.float32))
-    out = tf.data.Dataset.from_generator(gen, output_signature=spec)
-
-    def convert(xs, y):
-        xs = list(xs)
-        if augment:
-            op_seed = 7  # one op seed for every input: the same rotation/flip for each
-            xs = [tf.image.convert_image_dtype(augment_batch(v, augment, seed=op_seed), tf.uint8,
-                                               saturate=True) for v in xs]
-        if len(names) == 1:
-            return xs[0], y
-        return dict(zip(names, xs)), y
-
-    return out.map(convert, num_parallel_calls=tf.data.AUTOTUNE if not augment else 1).prefetch(prefetch)
+    return batches_to_tf(lambda: batches, patch_size=data.patch_size, label_shape=(data.n_outputs,),
+                         context_names=data.context_names, augment=augment, prefetch=prefetch,
+                         on_batch=(lambda b: digests.append(digest(b))) if digests is not None else None)
