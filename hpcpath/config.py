@@ -120,6 +120,9 @@ class SplitConfig(_Frozen):
         return self
 
 
+CAMELYON_GROUPS = {"_0": "Tumor", "_1": "Tumor", "_2": "Exclusion", "metastases": "Tumor"}
+
+
 class DatasetConfig(_Frozen):
     """How slide stores plus annotations become a labelled patch dataset."""
 
@@ -127,6 +130,17 @@ class DatasetConfig(_Frozen):
     rule: Literal["centre", "fraction", "points"] = "centre"
     classes: tuple[str, ...] = Field(
         ("Tumor",), description="annotation classes counted as positive (masks: any value > 0)"
+    )
+    label_map: dict[str, str] = Field(
+        default_factory=lambda: dict(CAMELYON_GROUPS),
+        description="annotation labels renamed before anything else (default: CAMELYON16 groups "
+        "_0/_1 -> Tumor, _2 -> Exclusion; CAMELYON17 metastases -> Tumor)",
+    )
+    exclude_classes: tuple[str, ...] = Field(
+        ("Exclusion",), description="classes whose regions are cut out of the positive area"
+    )
+    unclassified: Literal["positive", "ignore"] = Field(
+        "positive", description="regions/points with no class (QuPath 'Unclassified', ASAP group None)"
     )
     ignore_unknown_classes: bool = Field(
         True, description="other annotation classes are ignored (False: an error)"

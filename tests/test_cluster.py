@@ -357,3 +357,12 @@ def test_slurm_rejected_job_fails_fast(local_slurm: dict[str, str]) -> None:
     expected = r"Slurm rejects the worker job: .*invalid partition"
     with pytest.raises(ClusterError, match=expected), cluster_client(spec):
         pass
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path) -> None:
+    from hpcpath.config import DatasetConfig, TrainConfig
+
+    kind = path.name.split("-", 1)[0]
+    load = {"cluster": parse_cluster_spec, "dataset": DatasetConfig.load, "train": TrainConfig.load}[kind]
+    load(path)

@@ -116,6 +116,21 @@ def test_batches_stream_every_item_once_with_its_label(cohort, dask_client):
             n += len(b.labels)
         assert n == len(ds)
         assert np.concatenate(seen_labels).sum() == ds.labels.sum()
+    # every image arrives with its own label and slide: compare with plain zarr reads
+    import zarr
+
+    def key(slide, image, label):
+        return int(slide), image.tobytes()[::997], int(label)
+
+    expected = []
+    for s, store in enumerate(ds.stores):
+        root = zarr.open_group(str(store), mode="r")
+        rows = root["datasets/stream/item_index"][:]
+        tiles = root["tiles/images"][:]
+        sel = ds.store_of == s
+        expected += [key(s, tiles[rows[i]], lab) for i, lab in zip(ds.item[sel], ds.labels[sel])]
+    got = [key(*x) for b in ds.batches(24, shuffle=True, seed=3) for x in zip(b.slide, b.images, b.labels)]
+    assert sorted(got) == sorted(expected)
     train = ds.select("train")
     bal = train.balance(1.0, seed=0)
     assert (bal.labels == 0).sum() == min((train.labels == 0).sum(), (train.labels > 0).sum())
@@ -275,3 +290,78 @@ def test_annotation_outside_the_slide_is_clipped_with_a_warning(cohort, dask_cli
     warnings = [i["warning"] for k, i in events if k == "warning"]
     assert len(warnings) == 1 and "slide_000.tumor.xml" in warnings[0] and "clipped" in warnings[0]
     assert res.slides["slide_000"]["warnings"] == warnings
+
+
+def test_main_and_context_patches_share_one_augmentation_draw():
+    """Context patches show the same place as their main patch: same turn, flip and colours."""
+    tf = pytest.importorskip("tensorflow")
+    from hpcpath.config import AugmentConfig
+    from hpcpath.dataset.reader import Batch
+    from hpcpath.dataset.tfdata import batches_to_tf
+
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(3):
+        im = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+        batches.append(Batch(images=im, labels=np.arange(8) % 2, context={"l2": im.copy()}, slide=np.zeros(8, np.int32)))
+    pipe = batches_to_tf(lambda: iter(batches), patch_size=16, label_shape=(1,), context_names=("l2",),
+                         augment=AugmentConfig())
+    n = 0
+    for x, y in pipe:
+        assert set(x) == {"main", "context_l2"} and y.shape[1:] == (1,)
+        np.testing.assert_array_equal(x["main"].numpy(), x["context_l2"].numpy())
+        n += 1
+    assert n == 3
+    # and the draw differs between items
+    assert len({x["main"].numpy()[i].tobytes() for i in range(8)}) == 8
+
+
+def _asap(path: Path, regions: list[tuple[str, list[tuple[float, float]]]]) -> Path:
+    anns = "".join(
+        f'<Annotation Name="Annotation {i}" Type="Polygon" PartOfGroup="{group}" Color="#F4FA58"><Coordinates>'
+        + "".join(f'<Coordinate Order="{k}" X="{x}" Y="{y}" />' for k, (x, y) in enumerate(xy))
+        + "</Coordinates></Annotation>" for i, (group, xy) in enumerate(regions))
+    path.write_text(f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{anns}</Annotations>'
+                    '<AnnotationGroups><Group Name="_0" PartOfGroup="None" Color="#F4FA58"><Attributes /></Group>'
+                    '</AnnotationGroups></ASAP_Annotations>')
+    return path
+
+
+def _square(x0, y0, x1, y1):
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def test_camelyon16_groups_work_by_default_and_exclusions_cut_out(cohort, dask_client, tmp_path):
+    """CAMELYON16 XML names tumour groups _0/_1 and cuts _2 regions out of them."""
+    xml = _asap(tmp_path / "slide_000.xml", [("_0", _square(512, 512, 2048, 2048)),
+                                            ("_2", _square(1024, 1024, 1536, 1536)),
+                                            ("_1", _square(2560, 2560, 3072, 3072))])
+    res = build_dataset([cohort / "stores" / "slide_000.zarr"], [xml], tmp_path / "c16.json",
+                        DatasetConfig(name="c16"), client=dask_client)
+    assert res.ok, res.failed
+    ds = open_dataset(tmp_path / "c16.json")
+    import zarr
+
+    g = zarr.open_group(str(cohort / "stores" / "slide_000.zarr"), mode="r")
+    xy = g["tiles/index"][:][g["datasets/c16/item_index"][:], :2]
+
+    def inside(lo, hi):  # the tile's 160 px centre square lies in [lo, hi)^2
+        c0 = xy + 48
+        return ((c0 >= lo) & (c0 + 160 <= hi)).all(axis=1)
+
+    expected = (inside(512, 2048) & ~inside(1024, 1536)) | inside(2560, 3072)
+    assert expected.sum() > 0 and inside(1024, 1536).sum() > 0
+    np.testing.assert_array_equal(ds.labels.astype(bool), expected)
+
+
+def test_classes_named_otherwise_warn_instead_of_silently_giving_no_positives(cohort, dask_client, tmp_path):
+    xml = _asap(tmp_path / "slide_000.xml", [("Carcinoma", _square(512, 512, 2048, 2048))])
+    events = []
+    res = build_dataset([cohort / "stores" / "slide_000.zarr"], [xml], tmp_path / "named.json",
+                        DatasetConfig(name="named"), client=dask_client, on_event=lambda k, i: events.append((k, i)))
+    assert res.ok
+    warnings = [i["warning"] for k, i in events if k == "warning"]
+    assert any("slide_000.xml" in w and "Carcinoma" in w and "label_map" in w for w in warnings), warnings
+    res = build_dataset([cohort / "stores" / "slide_000.zarr"], [xml], tmp_path / "mapped.json",
+                        DatasetConfig(name="mapped", label_map={"Carcinoma": "Tumor"}), client=dask_client)
+    assert res.ok and open_dataset(tmp_path / "mapped.json").labels.sum() > 0

@@ -24,6 +24,10 @@ def dataset():
 @click.option("--name", help="Dataset name inside the stores [tumor].")
 @click.option("--rule", type=click.Choice(["centre", "fraction", "points"]), help="Labelling rule [centre].")
 @click.option("--class", "classes", multiple=True, help="Positive annotation class (repeatable) [Tumor].")
+@click.option("--label", "labels", multiple=True, metavar="OLD=NEW",
+              help="Rename an annotation class before labelling (repeatable), e.g. --label Carcinoma=Tumor; "
+                   "added to the default CAMELYON map (_0/_1 -> Tumor, _2 -> Exclusion).")
+@click.option("--exclude", "exclude", multiple=True, help="Class cut out of positive regions (repeatable) [Exclusion].")
 @click.option("--centre-fraction", type=float, help="Centre square side / patch side [0.625 = 50/80].")
 @click.option("--context", "context", multiple=True, type=float, help="Context patch downsample factor (repeatable), e.g. 4.")
 @click.option("--jitter", "jitter_px", type=float, help="Points rule: max jitter of positive centres (level-0 px).")
@@ -32,15 +36,25 @@ def dataset():
 @click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides.")
 @click.option("--seed", type=int)
 @cluster_options
-def build(stores, annotations, out, config_file, name, rule, classes, centre_fraction, context,
-          jitter_px, rotations, negatives_per_slide, slide_dirs, seed, cluster, workers):
+def build(stores, annotations, out, config_file, name, rule, classes, labels, exclude, centre_fraction,
+          context, jitter_px, rotations, negatives_per_slide, slide_dirs, seed, cluster, workers):
     """Label every tile (or point-centred patch) of the STORES and write a dataset manifest."""
     from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
     from hpcpath.config import DatasetConfig
     from hpcpath.dataset import build_dataset
 
+    label_map = None
+    if labels:
+        from hpcpath.errors import ConfigError
+
+        bad = [x for x in labels if x.count("=") != 1 or not all(p.strip() for p in x.split("="))]
+        if bad:
+            raise ConfigError(f"--label {bad[0]!r}: expected OLD=NEW, e.g. --label Carcinoma=Tumor")
+        label_map = {**DatasetConfig.load(config_file).label_map,
+                     **dict(tuple(p.strip() for p in x.split("=")) for x in labels)}
     cfg = DatasetConfig.load(
-        config_file, name=name, rule=rule, classes=tuple(classes) or None,
+        config_file, name=name, rule=rule, classes=tuple(classes) or None, label_map=label_map,
+        exclude_classes=tuple(exclude) or None,
         centre_fraction=centre_fraction, context_downsamples=tuple(context) or None,
         jitter_px=jitter_px, rotations=int(rotations) if rotations else None,
         negatives_per_slide=negatives_per_slide, seed=seed,

@@ -81,26 +81,41 @@ def _tile_boxes(index: np.ndarray, tile_side0: float) -> np.ndarray:
     ).astype(np.float64)
 
 
+def _positive_labels(cfg: DatasetConfig) -> set[str]:
+    """Labels counted as positive: the configured classes, plus unclassified objects unless
+    ``unclassified: ignore``."""
+    from hpcpath.annotations import UNCLASSIFIED
+
+    return set(cfg.classes) | ({UNCLASSIFIED} if cfg.unclassified == "positive" else set())
+
+
 def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
     """Per-tile (centre label, region fraction) from masks and polygons, block by block so
     memory stays bounded by one block of the label raster."""
     from hpcpath.annotations import AnnotationSet, MaskAnnotation, read_annotations
+    from hpcpath.annotations._errors import warn
     from hpcpath.labels import centre_labels, region_fraction
 
     dims = tuple(store_meta["slide"]["level_dimensions"][0])
     side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
-    masks, regions = [], AnnotationSet()
+    masks, regions, cut_out = [], AnnotationSet(), AnnotationSet()
+    positive = _positive_labels(cfg)
     for f in ann_files:
         if Path(f).suffix.lower() in _MASK_SUFFIXES:
             masks.append(MaskAnnotation(f, dims))
-        else:
-            a = read_annotations(f).clip(*dims)
-            if not cfg.ignore_unknown_classes:
-                a.validate(set(cfg.classes) | {lbl for lbl in a.labels() if lbl in cfg.classes})
-                unknown = sorted(set(lbl for lbl in a.labels() if lbl not in cfg.classes))
-                if unknown:
-                    raise HpcpathError(f"unknown class {unknown[0]!r} (known: {', '.join(cfg.classes)})", f)
-            regions = AnnotationSet.concat([regions, a.filter(cfg.classes)])
+            continue
+        a = read_annotations(f, label_map=cfg.label_map).clip(*dims)
+        known = positive | set(cfg.exclude_classes)
+        unknown = sorted({lbl for lbl in a.labels() if lbl not in known})
+        if unknown and not cfg.ignore_unknown_classes:
+            raise HpcpathError(f"unknown class {unknown[0]!r} (known: {', '.join(sorted(known))})", f)
+        pos = a.filter(positive)
+        if a.regions and not pos.regions:
+            # the commonest silent failure: classes named differently from the config
+            warn(pos.warnings, f, None, f"no region of class {', '.join(sorted(positive))} "
+                 f"(found: {', '.join(unknown) or 'none'}); set classes or label_map")
+        regions = AnnotationSet.concat([regions, pos])
+        cut_out = AnnotationSet.concat([cut_out, a.filter(cfg.exclude_classes)])
     ld = cfg.label_downsample
     boxes = _tile_boxes(index, side)
     labels = np.zeros(len(index), np.uint8)
@@ -121,6 +136,8 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
             raster |= m.read_region(x0, y0, w, h, ld) > 0
         if regions.regions:
             raster |= regions.rasterize((h, w), origin=(x0, y0), downsample=ld) > 0
+        if cut_out.regions:  # exclusions carve out of masks and polygons alike
+            raster &= cut_out.rasterize((h, w), origin=(x0, y0), downsample=ld) == 0
         fraction[sel] = region_fraction(raster, ld, boxes[sel], origin=(x0, y0))
         labels[sel] = centre_labels(raster, ld, boxes[sel], centre_fraction=cfg.centre_fraction,
                                     origin=(x0, y0))
@@ -134,12 +151,12 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
 def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
     """Positive centres on annotated points (jittered, rotated) and negative centres drawn
     from tissue-tile centres at least D from every point."""
-    from hpcpath.annotations import UNCLASSIFIED, AnnotationSet, read_annotations
+    from hpcpath.annotations import AnnotationSet, read_annotations
     from hpcpath.labels import negative_centres, point_patches, scaled_distance
 
     point_files = [f for f in ann_files if Path(f).suffix.lower() not in _MASK_SUFFIXES]
-    pts = AnnotationSet.concat([read_annotations(f) for f in point_files])  # masks: no points
-    keep = set(cfg.classes) | {UNCLASSIFIED}
+    pts = AnnotationSet.concat([read_annotations(f, label_map=cfg.label_map) for f in point_files])
+    keep = _positive_labels(cfg)
     xy = np.array([[p.x, p.y] for p in pts.points if p.label in keep], np.float64).reshape(-1, 2)
     xy = np.unique(xy, axis=0)  # the same point from two files (CSV + GeoJSON) counts once
     side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
