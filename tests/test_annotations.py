@@ -586,3 +586,13 @@ def test_chestxray_errors(tmp_path):
     with pytest.raises(AnnotationError) as exc:
         read_chestxray_csv(bad)
     _one_line(exc, f"{bad}: header: no column 'Image Index' (columns found: Image, Labels)")
+
+
+def test_camelyon16_reference_table_is_read_without_a_header(tmp_path):
+    # reference.csv as CAMELYON16 ships it: no header, a third column on tumour rows only
+    (tmp_path / "reference.csv").write_text("Test_001,Tumor,Macro\nTest_002,Normal\nTest_003,Tumor,Micro\n")
+    assert read_label_table(tmp_path / "reference.csv") == {"Test_001": "Tumor", "Test_002": "Normal",
+                                                            "Test_003": "Tumor"}
+    # a header with unknown names but no recurring value stays a header
+    (tmp_path / "odd.csv").write_text("name_of_slide,verdict\ns1,Tumor\ns2,Normal\n")
+    assert read_label_table(tmp_path / "odd.csv") == {"s1": "Tumor", "s2": "Normal"}

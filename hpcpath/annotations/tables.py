@@ -161,6 +161,14 @@ def points_by_slide(path, *, label: str = UNCLASSIFIED) -> dict[str, AnnotationS
     return out
 
 
+def _looks_like_data(first: list[str], rest: list[tuple[int, list[str]]]) -> bool:
+    """Whether a label table's first row is data, not a header: it names no known column and
+    its label cell is a number or recurs in the label column below (``Tumor``, ``Normal``)."""
+    if len(first) < 2 or _find(first, _ID + _LABEL) is not None:
+        return False
+    return _is_number(first[1]) or any(len(r) > 1 and r[1] == first[1] for _, r in rest)
+
+
 def read_label_table(path, id_column: str | None = None, label_column: str | None = None
                      ) -> dict[str, float | str]:
     """Slide-level labels: ``{slide_id: score or class}`` (TUPAC16 proliferation scores).
@@ -176,8 +184,7 @@ def read_label_table(path, id_column: str | None = None, label_column: str | Non
     if not rows:
         raise fail(src, None, "empty label table")
     first = rows[0][1]
-    headerless = (id_column is None and label_column is None and len(first) == 2
-                  and _is_number(first[1]) and _find(first, _ID) is None)
+    headerless = id_column is None and label_column is None and _looks_like_data(first, rows[1:])
     if headerless:
         header, iid, ilab = None, 0, 1
     else:
