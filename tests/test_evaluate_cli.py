@@ -153,6 +153,18 @@ def test_slide_scores_proliferation_svm(tmp_path):
     saved = pickle.loads((tmp_path / "ev" / "slide_classifier.pkl").read_bytes())
     assert saved["features"] == ["detections_per_mm2", "hpf10_max", "detections"]
     assert saved["estimator"].predict([[45.0, 90, 135]]).tolist() == [3]
+    # the saved classifier applied to a new run: one prediction per complete slide
+    new = _summary(tmp_path / "new.csv", [
+        {**rows[0], "slide_id": "low", "detections_per_mm2": 5.0, "hpf10_max": 10, "detections": 15},
+        {**rows[0], "slide_id": "high", "detections_per_mm2": 45.0, "hpf10_max": 90, "detections": 135},
+        {**rows[0], "slide_id": "failed", "status": "failed"}])
+    res = run("evaluate", "classify", new, "-c", tmp_path / "ev" / "slide_classifier.pkl", "-o", tmp_path / "new-pred.csv")
+    assert res.exit_code == 0, res.output
+    got = {r["slide_id"]: r["prediction"] for r in csv.DictReader(open(tmp_path / "new-pred.csv"))}
+    assert got == {"low": "1", "high": "3"}
+    res = run("evaluate", "classify", new, "-c", summary)
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        f"hpcpath: error: {summary}: not a slide classifier (UnpicklingError)"]
 
 
 def test_slide_scores_tumour_auc_matches_sklearn(tmp_path):
@@ -176,6 +188,12 @@ def test_slide_scores_tumour_auc_matches_sklearn(tmp_path):
     y = [int(p["label"]) for p in preds]
     s = [float(p["cv_score"]) for p in preds]
     assert abs(m["auc"] - roc_auc_score(y, s)) <= 1e-9 and m["auc"] > 0.7
+    res = run("evaluate", "classify", summary, "-c", tmp_path / "ev" / "slide_classifier.pkl")
+    assert res.exit_code == 0, res.output
+    out = list(csv.DictReader(res.output.splitlines()))
+    assert len(out) == 20 and set(out[0]) == {"slide_id", "prediction", "score"}
+    by_score = sorted(out, key=lambda r: float(r["score"]))  # the decision value orders the classes
+    assert by_score[0]["prediction"] == "0" and by_score[-1]["prediction"] == "1"
     # proliferation features are empty in a heatmap run: one line saying so
     res = run("evaluate", "slides", summary, "-l", tmp_path / "labels.csv")
     assert res.exit_code == 2 and "has no 'detections_per_mm2'" in res.output

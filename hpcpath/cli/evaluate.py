@@ -5,6 +5,7 @@
   and the best threshold;
 * ``heatmaps``: heatmap windows vs truth masks or polygons: tile AUC, slide AUC, ROC plot,
   CAMELYON16 FROC and its plot;
+* ``classify``: apply a saved slide classifier to a new run's slides;
 * ``slides``: a slide-level classifier (SVM) on the run table's features, fit and
   cross-validated on a label table (proliferation score 1-3, or tumour / no tumour).
 
@@ -163,11 +164,31 @@ def slides(summary, labels, target, features, folds, seed, out_dir):
     click.echo(f"accuracy {_fmt(m['accuracy'])}{extra}")
     click.echo(f"confusion (rows: true {m['classes']}): {m['confusion']}")
     if out is not None:
-        from hpcpath.infer.outputs import write_atomic, write_table
+        from hpcpath.evaluate.slides import save_classifier
+        from hpcpath.infer.outputs import write_table
 
         cols = ("slide_id", "label", "cv_prediction") + (("cv_score",) if target == "tumor" else ())
         write_table(out / "slide_predictions.csv", res.predictions, cols)
-        blob = pickle.dumps({"format": "hpcpath-slide-classifier/1", "target": target,
-                             "features": list(res.features), "estimator": res.estimator})
-        write_atomic(out / "slide_classifier.pkl", blob)
+        save_classifier(out / "slide_classifier.pkl", res)
     _save_json(out, m)
+
+
+@evaluate.command("classify")
+@click.argument("summary", type=click.Path())
+@click.option("-c", "--classifier", required=True, type=click.Path(),
+              help="slide_classifier.pkl written by `hpcpath evaluate slides -o`.")
+@click.option("-o", "--out", "out_path", type=click.Path(), help="CSV to write (default: print).")
+def classify(summary, classifier, out_path):
+    """Apply a saved slide classifier to the slides of a new run's SUMMARY (summary.csv)."""
+    from hpcpath.evaluate.slides import classify_slides
+    from hpcpath.infer.outputs import write_table
+
+    rows = classify_slides(classifier, summary)
+    cols = ("slide_id", "prediction") + (("score",) if rows and "score" in rows[0] else ())
+    if out_path:
+        write_table(out_path, rows, cols)
+        click.echo(f"{len(rows)} slides -> {out_path}")
+    else:
+        click.echo(",".join(cols))
+        for r in rows:
+            click.echo(",".join(str(r[c]) for c in cols))

@@ -23,7 +23,10 @@ import numpy as np
 
 from hpcpath.errors import HpcpathError, MetricError
 
-__all__ = ["PROLIFERATION_FEATURES", "TUMOUR_FEATURES", "SlideScores", "score_slides"]
+__all__ = ["PROLIFERATION_FEATURES", "TUMOUR_FEATURES", "SlideScores", "score_slides",
+           "save_classifier", "load_classifier", "classify_slides"]
+
+_FORMAT = "hpcpath-slide-classifier/1"
 
 PROLIFERATION_FEATURES = ("detections_per_mm2", "hpf10_max", "detections")
 TUMOUR_FEATURES = ("max_prob", "topk_mean", "mean_prob", "positive_fraction")
@@ -38,6 +41,29 @@ class SlideScores:
     estimator: Any
     features: tuple[str, ...]
     target: str
+
+
+def _features(rows: list[dict], feats: Sequence[str], target: str, summary) -> np.ndarray:
+    """The (slides, features) matrix of run-table rows; a missing value is a one-line error."""
+    X = np.empty((len(rows), len(feats)))
+    for i, r in enumerate(rows):
+        for j, f in enumerate(feats):
+            try:
+                X[i, j] = float(r[f])
+            except (KeyError, ValueError):
+                raise HpcpathError(f"slide {r['slide_id']!r} has no {f!r} (was the run made with a "
+                                   f"{'points' if target == 'proliferation' else 'heatmap'} model?)",
+                                   summary) from None
+    return X
+
+
+def _complete_rows(summary) -> list[dict]:
+    from hpcpath.infer.outputs import read_table
+
+    rows = [r for r in read_table(summary) if r.get("status") == "complete"]
+    if not rows:
+        raise HpcpathError("no complete slide rows (is this an hpcpath infer summary.csv?)", summary)
+    return rows
 
 
 def _binary(value, table) -> int:
@@ -57,8 +83,6 @@ def score_slides(summary: str | os.PathLike, labels: str | os.PathLike, *,
     joined with the label table ``labels`` (slide id -> label) by slide id."""
     from hpcpath.annotations import read_label_table
     from hpcpath.evaluate.roc import roc_auc
-    from hpcpath.infer.outputs import read_table
-
     try:
         from sklearn.metrics import cohen_kappa_score, confusion_matrix
         from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -71,9 +95,7 @@ def score_slides(summary: str | os.PathLike, labels: str | os.PathLike, *,
     if target not in ("proliferation", "tumor"):
         raise HpcpathError(f"unknown target {target!r}; use proliferation or tumor")
     feats = tuple(features or (PROLIFERATION_FEATURES if target == "proliferation" else TUMOUR_FEATURES))
-    rows = [r for r in read_table(summary) if r.get("status") == "complete"]
-    if not rows:
-        raise HpcpathError("no complete slide rows (is this an hpcpath infer summary.csv?)", summary)
+    rows = _complete_rows(summary)
     unknown = [f for f in feats if f not in rows[0]]
     if unknown:
         raise HpcpathError(f"no column {unknown[0]!r} (columns: {', '.join(rows[0])})", summary)
@@ -81,15 +103,7 @@ def score_slides(summary: str | os.PathLike, labels: str | os.PathLike, *,
     rows = [r for r in rows if r["slide_id"] in table]
     if not rows:
         raise HpcpathError("no slide of the summary has a label", labels)
-    X = np.empty((len(rows), len(feats)))
-    for i, r in enumerate(rows):
-        for j, f in enumerate(feats):
-            try:
-                X[i, j] = float(r[f])
-            except ValueError:
-                raise HpcpathError(f"slide {r['slide_id']!r} has no {f!r} (was the run made with a "
-                                   f"{'points' if target == 'proliferation' else 'heatmap'} model?)",
-                                   summary) from None
+    X = _features(rows, feats, target, summary)
     if target == "proliferation":
         try:
             y = np.array([int(round(float(table[r["slide_id"]]))) for r in rows])
@@ -124,3 +138,44 @@ def score_slides(summary: str | os.PathLike, labels: str | os.PathLike, *,
               **({"cv_score": float(s)} if score is not None else {})}
              for r, t, p, s in zip(rows, y, pred, score if score is not None else [None] * len(y))]
     return SlideScores(metrics, preds, model, feats, target)
+
+
+def save_classifier(path: str | os.PathLike, scores: SlideScores) -> None:
+    """Write the refitted classifier, with its target and feature list, for ``classify_slides``."""
+    import pickle
+
+    from hpcpath.infer.outputs import write_atomic
+
+    write_atomic(path, pickle.dumps({"format": _FORMAT, "target": scores.target,
+                                     "features": list(scores.features), "estimator": scores.estimator}))
+
+
+def load_classifier(path: str | os.PathLike) -> dict[str, Any]:
+    """A classifier written by ``save_classifier`` (a pickle: load only files you made)."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            doc = pickle.load(f)
+    except FileNotFoundError:
+        raise HpcpathError("slide classifier not found", path) from None
+    except Exception as exc:  # unpickling errors come in many types
+        raise HpcpathError(f"not a slide classifier ({type(exc).__name__})", path) from None
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        raise HpcpathError("not an hpcpath slide classifier (written by `hpcpath evaluate slides -o`)", path)
+    return doc
+
+
+def classify_slides(classifier: str | os.PathLike, summary: str | os.PathLike) -> list[dict[str, Any]]:
+    """Apply a saved slide classifier to the complete slides of a new run's ``summary.csv``:
+    ``[{slide_id, prediction[, score]}]`` (score: SVM decision value, tumour targets)."""
+    doc = load_classifier(classifier)
+    rows = _complete_rows(summary)
+    X = _features(rows, doc["features"], doc["target"], summary)
+    model = doc["estimator"]
+    pred = model.predict(X)
+    out = [{"slide_id": r["slide_id"], "prediction": int(p)} for r, p in zip(rows, pred)]
+    if doc["target"] == "tumor":
+        for rec, s in zip(out, model.decision_function(X)):
+            rec["score"] = float(s)
+    return out
