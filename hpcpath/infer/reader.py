@@ -11,7 +11,6 @@ batches of exactly ``batch`` items (the last may be short), copying each item on
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -122,15 +121,17 @@ def rebatch(pieces: Iterable[tuple[np.ndarray, dict[str, np.ndarray]]], batch: i
         yield emit(have)
 
 
-def tile_pieces(images, start: int, stop: int, batch: int) -> Iterator[tuple[np.ndarray, dict]]:
-    """Rows ``[start, stop)`` of a store's tile array, read in whole-chunk spans of at least
-    ``batch`` tiles: every chunk is decoded once."""
-    chunk = images.chunks[0]
-    span = chunk * max(1, math.ceil(batch / chunk))
+def tile_pieces(images, start: int, stop: int) -> Iterator[tuple[np.ndarray, dict]]:
+    """Rows ``[start, stop)`` of a store's tile array, chunk by chunk: every chunk is decoded
+    once, straight from its file where the codec allows (``hpcpath.chunkread``)."""
+    from hpcpath.chunkread import ChunkReader
+
+    reader = ChunkReader(images)
+    n = reader.rows_per_chunk
     a = start
     while a < stop:
-        b = min(stop, (a // chunk) * chunk + span)
-        yield np.arange(a, b), {"main": images[a:b]}
+        b = min(stop, (a // n + 1) * n)
+        yield np.arange(a, b), {"main": reader.read(a, b)}
         a = b
 
 

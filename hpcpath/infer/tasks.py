@@ -190,7 +190,7 @@ def predict_windows(store: str, slide_path: str | None, model_dir: str, name: st
         images = zarr.open_group(store, mode="r")["tiles/images"]
 
         def make():
-            return rebatch(tile_pieces(images, a, b, batch), batch)
+            return rebatch(tile_pieces(images, a, b), batch)
     else:
         from hpcpath.io import open_slide
 
