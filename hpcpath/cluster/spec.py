@@ -1,0 +1,263 @@
+"""Cluster specs: three small, frozen, validated models told apart by ``backend``, and
+:func:`parse_cluster_spec`, which resolves a string, file, mapping or nothing to one of them.
+Every mistake is a :class:`~hpcpath.errors.ConfigError` of one line, ``"<file>: <key>: <what
+is wrong>"``.  See :mod:`hpcpath.cluster` for the whole picture."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hpcpath.config import describe_error, read_yaml
+from hpcpath.errors import ConfigError
+
+__all__ = ["ENV_VAR", "ClusterSpec", "LocalSpec", "SchedulerSpec", "SlurmSpec", "parse_cluster_spec"]
+
+ENV_VAR = "HPCPATH_CLUSTER"
+"""Environment variable read when no spec is given: ``local``, ``slurm``, an address or a file."""
+
+_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(infinite|unlimited)$", re.IGNORECASE)
+_ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+
+
+def _check_bytes(value: str) -> str:
+    from dask.utils import parse_bytes
+
+    try:
+        parse_bytes(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{value!r} is not a size such as '4GB' or '500MiB'") from None
+    return value
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LocalSpec(_Spec):
+    """Worker processes on this machine (``distributed.LocalCluster``)."""
+
+    backend: Literal["local"] = "local"
+    n_workers: int | None = Field(None, ge=1, description="default: one per core")
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = Field("auto", description="per worker: 'auto' (share of RAM) or a size")
+    dashboard_address: str = "127.0.0.1:0"
+    worker_timeout: float = Field(60.0, gt=0, description="seconds to wait for the first worker")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, value: str) -> str:
+        return value if value == "auto" else _check_bytes(value)
+
+
+class SlurmSpec(_Spec):
+    """Dask workers in Slurm jobs (``dask_jobqueue.SLURMCluster``); sizes are per job."""
+
+    backend: Literal["slurm"]
+    partition: str | None = Field(None, validation_alias=AliasChoices("partition", "queue"))
+    account: str | None = None
+    walltime: str = "01:00:00"
+    cores: int | None = Field(
+        None, ge=1, description="CPU cores per job, shared by its processes; default one each"
+    )
+    memory: str = Field("4GB", description="memory per job, shared by its processes")
+    processes: int | None = Field(
+        None, ge=1, description="worker processes per job; default gpus_per_job, or 1"
+    )
+    gpus_per_job: int = Field(0, ge=0)
+    jobs: int = Field(1, ge=1, description="fixed number of jobs (unless adaptive)")
+    adaptive_min: int | None = Field(None, ge=0, description="adaptive scaling, in jobs")
+    adaptive_max: int | None = Field(None, ge=1)
+    interface: str | None = Field(None, description="network interface, e.g. ib0")
+    python: str | None = Field(None, description="worker Python; default: the one running hpcpath")
+    job_name: str = "hpcpath-worker"
+    job_script_prologue: tuple[str, ...] = ()
+    job_extra_directives: tuple[str, ...] = ()
+    worker_extra_args: tuple[str, ...] = ()
+    local_directory: str | None = None
+    log_directory: str | None = None
+    dashboard_address: str = "127.0.0.1:0"
+    worker_timeout: float = Field(
+        300.0, gt=0, description="seconds to wait for the first worker (queue wait included)"
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        return _check_bytes(value)
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, value: str) -> str:
+        if not _WALLTIME.match(value):
+            raise ValueError(f"{value!r} is not a Slurm time such as '01:00:00' or '2-00:00:00'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SlurmSpec:
+        procs = self.worker_processes
+        if procs > self.job_cores:
+            if self.processes:
+                why, fix = f"processes={procs}", "raise cores or lower processes"
+            else:
+                why, fix = (
+                    f"gpus_per_job={procs} (a process per GPU)",
+                    "raise cores or set processes=1",
+                )
+            raise ValueError(f"{why} needs cores >= {procs} (cores={self.cores}); {fix}")
+        if self.gpus_per_job and self.gpus_per_job % procs:
+            raise ValueError(
+                f"processes={procs} must divide gpus_per_job={self.gpus_per_job} "
+                "(one worker process per GPU, or one process using them all)"
+            )
+        if self.adaptive_min is not None and self.adaptive_max is None:
+            raise ValueError("adaptive_min needs adaptive_max")
+        if self.adaptive_max is not None:
+            if self.adaptive_min is not None and self.adaptive_min > self.adaptive_max:
+                raise ValueError(
+                    f"adaptive_min={self.adaptive_min} exceeds adaptive_max={self.adaptive_max}"
+                )
+            if "jobs" in self.model_fields_set:
+                raise ValueError("set either jobs or adaptive_min/adaptive_max, not both")
+        return self
+
+    @property
+    def worker_processes(self) -> int:
+        """Dask worker processes per job."""
+        return self.processes or max(self.gpus_per_job, 1)
+
+    @property
+    def job_cores(self) -> int:
+        """CPU cores per job."""
+        return self.cores or self.worker_processes
+
+    @property
+    def gpus_per_worker(self) -> int:
+        """GPUs each worker process owns (0 without GPUs)."""
+        return self.gpus_per_job // self.worker_processes
+
+
+class SchedulerSpec(_Spec):
+    """A scheduler that is already running (started by hand, by a batch script, ...)."""
+
+    backend: Literal["scheduler"]
+    address: str
+    worker_timeout: float = Field(60.0, gt=0, description="seconds to wait for a worker")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not _ADDRESS.match(value):
+            raise ValueError(f"{value!r} is not a scheduler address such as 'tcp://host:8786'")
+        return value
+
+
+ClusterSpec = Annotated[LocalSpec | SlurmSpec | SchedulerSpec, Field(discriminator="backend")]
+_ADAPTER: TypeAdapter[ClusterSpec] = TypeAdapter(ClusterSpec)
+_MODELS: dict[str, type[_Spec]] = {
+    "local": LocalSpec,
+    "slurm": SlurmSpec,
+    "scheduler": SchedulerSpec,
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_cluster_spec(
+    value: ClusterSpec | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+) -> ClusterSpec:
+    """Resolve ``value`` (or, when None, ``$HPCPATH_CLUSTER``, else local defaults) to a spec.
+
+    >>> parse_cluster_spec("local").backend
+    'local'
+    >>> parse_cluster_spec("tcp://10.0.0.5:8786").address
+    'tcp://10.0.0.5:8786'
+    >>> parse_cluster_spec({"backend": "slurm", "gpus_per_job": 2}).worker_processes
+    2
+    """
+    if isinstance(value, (LocalSpec, SlurmSpec, SchedulerSpec)):
+        return value
+    source = "cluster spec"
+    if value is None:
+        value = os.environ.get(ENV_VAR, "").strip() or None
+        if value is None:
+            return LocalSpec()
+        source = f"${ENV_VAR}"
+    if isinstance(value, Mapping):
+        return _validate(value, None, "")
+    if isinstance(value, os.PathLike):
+        return _from_file(Path(value))
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{source}: expected a string, a path or a mapping, got {type(value).__name__}"
+        )
+    text = value.strip()
+    if text == "local":
+        return LocalSpec()
+    if text == "slurm":
+        return SlurmSpec(backend="slurm")
+    if _ADDRESS.match(text):
+        return SchedulerSpec(backend="scheduler", address=text)
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return _from_file(path)
+    raise ConfigError(
+        f"{source}: {value!r} is not 'local', 'slurm', a scheduler address (tcp://host:port) "
+        "or a YAML file"
+    )
+
+
+def _from_file(path: Path) -> ClusterSpec:
+    data, prefix = read_yaml(path, section="cluster")
+    return _validate(data, str(path), prefix)
+
+
+def _validate(data: Any, path: str | None, prefix: str) -> ClusterSpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(
+            f"{where}: expected a mapping of cluster settings, got {type(data).__name__}", path=path
+        )
+    try:
+        return _ADAPTER.validate_python(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, data, prefix), path=path) from None
+
+
+def _first_error(exc: ValidationError, data: Mapping[str, Any], prefix: str) -> str:
+    """One line, ``key: message``, for the first of pydantic's errors."""
+    err = exc.errors(include_url=False)[0]
+    kind, loc = err["type"], list(err["loc"])
+    backends = ", ".join(_MODELS)
+    if kind == "union_tag_not_found":
+        return f"{prefix}backend: missing; expected one of {backends}"
+    if kind == "union_tag_invalid":
+        return (
+            f"{prefix}backend: unknown backend {data.get('backend')!r}; expected one of {backends}"
+        )
+    # The discriminated union puts the tag first.
+    model = _MODELS[str(loc.pop(0))] if loc and loc[0] in _MODELS else None
+    if kind == "extra_forbidden" and model is SlurmSpec and loc[-1] in ("queue", "partition"):
+        return f"{prefix}{'.'.join(map(str, loc))}: give either partition or queue (the same setting), not both"
+    known = sorted(model.model_fields) + (["queue"] if model is SlurmSpec else []) if model else []
+    line = describe_error({**err, "loc": loc}, known, prefix)
+    if "input" in err and kind not in ("value_error", "assertion_error", "extra_forbidden", "missing"):
+        line = f"{line.replace('valid tuple', 'valid list')} (got {err['input']!r})"
+    return line
