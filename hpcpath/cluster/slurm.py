@@ -41,7 +41,7 @@ def slurm_cluster_kwargs(spec: SlurmSpec) -> dict[str, Any]:
         worker_args[:0] = ["--resources", f"GPU={spec.gpus_per_worker}"]
         if spec.worker_processes > 1:  # pin each process of the job to its own GPU(s)
             prologue.append(f"export {_GPUS_PER_WORKER_VAR}={spec.gpus_per_worker}")
-            worker_args += ["--preload", __name__]
+            worker_args += ["--preload", "hpcpath.cluster"]  # re-exports dask_setup
     kwargs: dict[str, Any] = {
         "queue": spec.partition,
         "account": spec.account,
