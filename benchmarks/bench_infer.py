@@ -164,9 +164,10 @@ def main() -> None:
         stores = sorted(str(p) for p in (work / "inf-stores").glob("*.zarr"))
         results.update(size=info["size"], slides=len(stores))
         runs = iter(range(10**6))
+        token = time.strftime("%H%M%S")  # fresh outputs every invocation: a rerun would skip them
 
         def e2e(model: str, cfg: InferConfig) -> tuple[float, list[dict], Path]:
-            k = next(runs)
+            k = f"{token}-{next(runs)}"
             out = work / "inf-runs" / f"{cfg.name}-{k}"
             t = time.perf_counter()
             res = infer_slides(stores, model, out, cfg.model_copy(update={"name": f"{cfg.name}-{k}"}),
