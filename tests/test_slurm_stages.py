@@ -1,5 +1,6 @@
-"""Tiling on a real Slurm: Dask workers as Slurm jobs (dask-jobqueue), and the sbatch script
-whose allocation hosts scheduler and workers.  Outputs must equal a LocalCluster run."""
+"""Tiling and dataset builds on a real Slurm: Dask workers as Slurm jobs (dask-jobqueue), and
+the sbatch script whose allocation hosts scheduler and workers.  Outputs must equal a
+LocalCluster run."""
 
 from __future__ import annotations
 
@@ -64,3 +65,41 @@ def test_sbatch_tile_script_runs_scheduler_and_workers_in_the_allocation(local_s
     assert "2 tiled" in log and "dashboard http://127.0.0.1:" in log
     for s in SLIDES:
         _assert_same_stores(tmp_path / "out", local_reference, Path(s).stem)
+
+
+def test_dataset_build_on_slurm_workers_equals_local(local_slurm, dask_client, tmp_path):
+    """`hpcpath dataset build --cluster <slurm>`: labels and context patches are made on Slurm
+    job workers (context patches read from the slide there) and equal a LocalCluster build."""
+    import yaml
+    import zarr
+
+    from hpcpath.config import DatasetConfig
+    from hpcpath.dataset import build_dataset, open_dataset
+    from hpcpath.synth import make_cohort
+
+    make_cohort(tmp_path / "slides", n=2, width=2048, height=2048, seed=77)
+    assert tile_slides([tmp_path / "slides"], tmp_path / "stores", TileConfig(), client=dask_client).ok
+    anns = sorted(str(p) for p in (tmp_path / "slides").glob("*.tumor.xml"))
+    local = build_dataset([tmp_path / "stores"], anns, tmp_path / "local.json",
+                          DatasetConfig(name="local", context_downsamples=(4.0,)), client=dask_client)
+    assert local.ok
+    spec = tmp_path / "slurm.yaml"
+    spec.write_text(yaml.safe_dump({
+        "backend": "slurm", "jobs": 2, "cores": 1, "memory": "2GB", "walltime": "00:10:00",
+        "python": sys.executable, "log_directory": str(tmp_path / "logs"), "worker_timeout": 120}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hpcpath.cli.main", "dataset", "build", str(tmp_path / "stores"),
+         *sum((["-a", a] for a in anns), []), "-o", str(tmp_path / "slurm.json"), "--name", "slurm",
+         "--context", "4", "--cluster", str(spec)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    a, b = open_dataset(tmp_path / "local.json"), open_dataset(tmp_path / "slurm.json")
+    assert 0 < a.labels.sum() < len(a)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.item, b.item)
+    for store in a.stores:
+        g = zarr.open_group(str(store), mode="r")["datasets"]
+        ctx_a, ctx_b = g["local/context"], g["slurm/context"]
+        assert sorted(ctx_a.array_keys()) == sorted(ctx_b.array_keys()) != []
+        for k in ctx_a.array_keys():
+            np.testing.assert_array_equal(ctx_a[k][:], ctx_b[k][:])
