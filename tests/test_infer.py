@@ -119,7 +119,7 @@ def tumour_run(cohort, dask_client, tmp_path_factory):
     out = tmp_path_factory.mktemp("tumour-run")
     res = infer_slides([cohort / "stores"], cohort / "models" / "tumor", out,
                        InferConfig(name="tumor"), client=dask_client)
-    assert res.ok, res.failed
+    assert res.ok, [(r["slide_id"], r.get("error")) for r in res.failed]
     return out
 
 
@@ -418,7 +418,7 @@ def test_scancel_of_a_worker_job_mid_run_still_gives_identical_outputs(local_slu
         assert killed is not None, "no prediction task was seen running"
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1  # the job really died
     res = result[0]
-    assert res.ok, res.failed
+    assert res.ok, [(r["slide_id"], r.get("error")) for r in res.failed]
     tasks = list(csv.DictReader(open(tmp_path / "out" / "tasks.csv")))
     survivor = next(j for j in jobs.values() if j != killed)
     sid, k = victim.split("-")[1:3]

@@ -151,17 +151,27 @@ def create_group(store: str, name: str, info: dict[str, Any], windows: np.ndarra
 
 
 def write_task(group, k: int, record: dict[str, Any], points: np.ndarray | None = None) -> None:
-    """This task's record (and candidate points), replacing any earlier attempt's."""
-    tasks = group.require_group("tasks")
-    key = f"{k:06d}"
-    if key in tasks:
-        del tasks[key]
-    t = tasks.create_group(key)
-    if points is not None:
-        pts = np.asarray(points, np.float64).reshape(-1, 3)
-        t.create_array("points", data=pts if len(pts) else np.zeros((0, 3)),
-                       chunks=(max(1, len(pts)), 3))
-    t.attrs["task"] = record  # last: a record means the task finished
+    """This task's record (and candidate points), replacing any earlier attempt's.
+
+    Two attempts of one task can write at once: when Slurm kills a worker job, the scheduler
+    reruns its task elsewhere while the dying process may still be finishing it.  Both write
+    the same values, so each step overwrites in place (no delete-then-create that the other
+    attempt could interleave with), and a clash is retried rather than failing the slide."""
+    import time
+
+    for attempt in range(5):
+        try:
+            t = group.require_group("tasks").require_group(f"{k:06d}")
+            if points is not None:
+                pts = np.asarray(points, np.float64).reshape(-1, 3)
+                t.create_array("points", data=pts if len(pts) else np.zeros((0, 3)),
+                               chunks=(max(1, len(pts)), 3), overwrite=True)
+            t.attrs["task"] = record  # last: a record means the task finished
+            return
+        except Exception:  # noqa: BLE001 - a concurrent attempt of the same task; retry
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def read_tasks(group) -> list[tuple[dict[str, Any], np.ndarray | None]]:
