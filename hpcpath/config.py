@@ -139,8 +139,9 @@ class DatasetConfig(_Frozen):
     exclude_classes: tuple[str, ...] = Field(
         ("Exclusion",), description="classes whose regions are cut out of the positive area"
     )
-    unclassified: Literal["positive", "ignore"] = Field(
-        "positive", description="regions/points with no class (QuPath 'Unclassified', ASAP group None)"
+    unclassified: Literal["auto", "positive", "ignore"] = Field(
+        "auto", description="objects with no class (QuPath 'Unclassified', ASAP group None, a CSV "
+        "without labels): auto = positive only in files where nothing has a class"
     )
     ignore_unknown_classes: bool = Field(
         True, description="other annotation classes are ignored (False: an error)"

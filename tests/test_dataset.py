@@ -365,3 +365,21 @@ def test_classes_named_otherwise_warn_instead_of_silently_giving_no_positives(co
     res = build_dataset([cohort / "stores" / "slide_000.zarr"], [xml], tmp_path / "mapped.json",
                         DatasetConfig(name="mapped", label_map={"Carcinoma": "Tumor"}), client=dask_client)
     assert res.ok and open_dataset(tmp_path / "mapped.json").labels.sum() > 0
+
+
+def test_unclassified_outline_beside_classified_tumour_stays_out_by_default(cohort, dask_client, tmp_path):
+    outline = ("None", _square(0, 0, 4096, 4096))  # ASAP group None: unclassified
+    tumour = ("Tumor", _square(512, 512, 1536, 1536))
+    both = _asap(tmp_path / "slide_000.xml", [outline, tumour])
+    (tmp_path / "other").mkdir()
+    only_outline = _asap(tmp_path / "other" / "slide_000.xml", [outline])
+    n = {}
+    for name, xml, extra in (("auto", both, {}), ("always", both, {"unclassified": "positive"}),
+                             ("alone", only_outline, {}), ("never", only_outline, {"unclassified": "ignore"})):
+        res = build_dataset([cohort / "stores" / "slide_000.zarr"], [xml], tmp_path / f"{name}.json",
+                            DatasetConfig(name=f"u{name}", **extra), client=dask_client)
+        assert res.ok, res.failed
+        ds = open_dataset(tmp_path / f"{name}.json")
+        n[name] = (int(ds.labels.sum()), len(ds))
+    assert 0 < n["auto"][0] < n["always"][0] == n["always"][1]  # the outline covers every tile
+    assert n["alone"][0] == n["alone"][1] and n["never"][0] == 0

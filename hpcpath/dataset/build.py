@@ -81,12 +81,18 @@ def _tile_boxes(index: np.ndarray, tile_side0: float) -> np.ndarray:
     ).astype(np.float64)
 
 
-def _positive_labels(cfg: DatasetConfig) -> set[str]:
-    """Labels counted as positive: the configured classes, plus unclassified objects unless
-    ``unclassified: ignore``."""
+def _positive_labels(cfg: DatasetConfig, labels: list[str]) -> set[str]:
+    """Labels counted as positive in one file whose objects carry ``labels``: the configured
+    classes, plus unclassified objects -- always (``unclassified: positive``), never
+    (``ignore``), or (``auto``) only when nothing in the file has a class of its own, so an
+    unclassified outline beside classified tumour regions (a QuPath habit) stays out."""
     from hpcpath.annotations import UNCLASSIFIED
 
-    return set(cfg.classes) | ({UNCLASSIFIED} if cfg.unclassified == "positive" else set())
+    if cfg.unclassified == "auto":
+        add = not (set(labels) - {UNCLASSIFIED} - set(cfg.exclude_classes))
+    else:
+        add = cfg.unclassified == "positive"
+    return set(cfg.classes) | ({UNCLASSIFIED} if add else set())
 
 
 def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
@@ -99,12 +105,12 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
     dims = tuple(store_meta["slide"]["level_dimensions"][0])
     side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
     masks, regions, cut_out = [], AnnotationSet(), AnnotationSet()
-    positive = _positive_labels(cfg)
     for f in ann_files:
         if Path(f).suffix.lower() in _MASK_SUFFIXES:
             masks.append(MaskAnnotation(f, dims))
             continue
         a = read_annotations(f, label_map=cfg.label_map).clip(*dims)
+        positive = _positive_labels(cfg, [r.label for r in a.regions])
         known = positive | set(cfg.exclude_classes)
         unknown = sorted({lbl for lbl in a.labels() if lbl not in known})
         if unknown and not cfg.ignore_unknown_classes:
@@ -155,9 +161,10 @@ def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg:
     from hpcpath.labels import negative_centres, point_patches, scaled_distance
 
     point_files = [f for f in ann_files if Path(f).suffix.lower() not in _MASK_SUFFIXES]
-    pts = AnnotationSet.concat([read_annotations(f, label_map=cfg.label_map) for f in point_files])
-    keep = _positive_labels(cfg)
-    xy = np.array([[p.x, p.y] for p in pts.points if p.label in keep], np.float64).reshape(-1, 2)
+    sets = [read_annotations(f, label_map=cfg.label_map) for f in point_files]
+    pts = AnnotationSet.concat(sets)
+    xy = np.array([[p.x, p.y] for a in sets for p in a.points
+                   if p.label in _positive_labels(cfg, [q.label for q in a.points])], np.float64).reshape(-1, 2)
     xy = np.unique(xy, axis=0)  # the same point from two files (CSV + GeoJSON) counts once
     side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
     pos = point_patches(xy, patch_px=side, jitter_px=cfg.jitter_px, rotations=cfg.rotations,
