@@ -163,8 +163,9 @@ def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg:
     point_files = [f for f in ann_files if Path(f).suffix.lower() not in _MASK_SUFFIXES]
     sets = [read_annotations(f, label_map=cfg.label_map) for f in point_files]
     pts = AnnotationSet.concat(sets)
-    xy = np.array([[p.x, p.y] for a in sets for p in a.points
-                   if p.label in _positive_labels(cfg, [q.label for q in a.points])], np.float64).reshape(-1, 2)
+    keep = [_positive_labels(cfg, [p.label for p in a.points]) for a in sets]  # per file
+    xy = np.array([[p.x, p.y] for a, k in zip(sets, keep) for p in a.points if p.label in k],
+                  np.float64).reshape(-1, 2)
     xy = np.unique(xy, axis=0)  # the same point from two files (CSV + GeoJSON) counts once
     side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
     pos = point_patches(xy, patch_px=side, jitter_px=cfg.jitter_px, rotations=cfg.rotations,
