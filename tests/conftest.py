@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +42,8 @@ def missing_resource(reason: str) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "local_slurm" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "local_slurm" in names or "local_slurm2" in names:
             item.add_marker(pytest.mark.slurm)
 
 
@@ -72,6 +74,51 @@ def local_slurm() -> Iterator[dict[str, str]]:
         for key, value in env.items():
             mp.setenv(key, value)
         yield env
+
+
+SLURM2_DIR = Path(os.environ.get("HPCPATH_SLURM2_DIR", "/var/tmp/hpcpath-slurm2"))
+NODE_BINARIES = ("ip", "unshare", "nsenter")
+
+
+@pytest.fixture(scope="session")
+def local_slurm2() -> dict[str, str]:
+    """A running two-node Slurm (``bin/local-slurm start --nodes 2``); returns its environment.
+
+    Nodes n1 (10.77.0.11) and n2 (10.77.0.12), each a slurmd in its own network, UTS and mount
+    namespace (own hostname, node-local /tmp), gpu:2 each.  Unlike ``local_slurm`` it does not
+    set ``SLURM_CONF`` in this process (both clusters may serve one session): pass
+    ``{**os.environ, **local_slurm2}`` to the Slurm commands.  Job directories must be on a
+    shared path such as ``shared_tmp`` -- /tmp differs per node.  The daemons keep running
+    after the session; stop them with ``bin/local-slurm stop --nodes 2``.
+    """
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [b for b in SLURM_BINARIES + NODE_BINARIES if shutil.which(b, path=search) is None]
+    if missing:
+        missing_resource(
+            f"multi-node Slurm needs {', '.join(missing)}: "
+            "apt-get install -y slurmctld slurmd slurm-client munge iproute2 util-linux"
+        )
+    proc = subprocess.run(
+        [str(REPO / "bin" / "local-slurm"), "start", "--nodes", "2", str(SLURM2_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode:
+        pytest.fail(
+            f"bin/local-slurm start --nodes 2 failed:\n{proc.stderr}{proc.stdout}", pytrace=False
+        )
+    return {"SLURM_CONF": str(SLURM2_DIR / "slurm.conf"), "HPCPATH_SLURM2_DIR": str(SLURM2_DIR)}
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A fresh directory every node of ``local_slurm2`` sees (under /var/tmp, not /tmp)."""
+    root = Path("/var/tmp/hpcpath-tests")
+    root.mkdir(mode=0o1777, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="t-", dir=root))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
