@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hpcpath.errors import HpcpathError
 
-__all__ = ["ModelMeta", "save_model", "load_model", "MODEL_FILE", "META_FILE"]
+__all__ = ["ModelMeta", "save_model", "load_model", "task_for", "MODEL_FILE", "META_FILE"]
 
 MODEL_FILE = "model.keras"
 META_FILE = "hpcpath-model.json"
@@ -36,6 +36,15 @@ class ModelMeta:
     inputs: tuple[str, ...] = ("main",)
     architecture: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def task_for(rule: str | None, n_classes: int) -> str:
+    """The model task a dataset's labelling rule implies: a ``points`` dataset (patches
+    centred on annotated points, e.g. mitoses) trains a ``points`` model, which inference
+    turns into detections; several label columns train ``multilabel``; else ``binary``."""
+    if n_classes > 1:
+        return "multilabel"
+    return "points" if rule == "points" else "binary"
 
 
 def save_model(model, directory: str | os.PathLike, meta: ModelMeta) -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 from hpcpath.dataset.reader import Batch, PatchDataset, open_dataset
 from hpcpath.errors import ConfigError, HpcpathError
 from hpcpath.labels import balance
+from hpcpath.modelio import task_for
 
 __all__ = ["TrainData", "open_train_data", "subset", "epoch_items", "rank_batches",
            "tf_batches", "read_order"]
@@ -31,7 +32,7 @@ class TrainData:
     train: PatchDataset
     val: PatchDataset | None
     classes: tuple[str, ...]
-    task: str  # "binary" | "multilabel"
+    task: str  # "binary" | "multilabel" | "points" (hpcpath.modelio.task_for)
     patch_size: int
     context_names: tuple[str, ...]
 
@@ -51,6 +52,17 @@ def _any_positive(labels: np.ndarray) -> np.ndarray:
     return labels if labels.ndim == 1 else labels.max(axis=1)
 
 
+def _rule(manifest) -> str | None:
+    """The labelling rule the dataset manifest was built with (None when it does not say)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(manifest).read_text()).get("rule")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def open_train_data(cfg) -> TrainData:
     """The train and validation tables of ``cfg.dataset``, label columns chosen, checked."""
     ds = open_dataset(cfg.dataset)
@@ -64,8 +76,8 @@ def open_train_data(cfg) -> TrainData:
             cols = [classes.index(c) for c in cfg.classes]
             ds = replace(ds, labels=ds.labels[:, cols], classes=tuple(cfg.classes))
             classes = tuple(cfg.classes)
-    task = "multilabel" if ds.labels.ndim == 2 and ds.labels.shape[1] > 1 else "binary"
-    if ds.labels.ndim == 2 and task == "binary":
+    task = task_for(_rule(cfg.dataset), ds.labels.shape[1] if ds.labels.ndim == 2 else 1)
+    if ds.labels.ndim == 2 and task != "multilabel":
         ds = replace(ds, labels=ds.labels[:, 0])
     train = ds.select(cfg.train_split)
     if len(train) == 0:
