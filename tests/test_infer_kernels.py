@@ -164,15 +164,26 @@ def test_prefetcher_reads_ahead_and_hands_errors_over():
 
 
 def test_densest_count_matches_a_brute_force():
+    """Exact over every placement: a densest closed square can be moved until a point lies
+    on its left edge and one on its top edge, so trying every (x_i, y_j) corner is a full
+    search (independent of the band sweep the kernel uses)."""
     rng = np.random.default_rng(4)
-    xy = rng.uniform(0, 1000, (200, 2))
-    side = 200.0
-    best = 0
-    for x0 in np.arange(-100, 1000, 100.0):
-        for y0 in np.arange(-100, 1000, 100.0):
-            inside = (xy[:, 0] >= x0) & (xy[:, 0] < x0 + side) & (xy[:, 1] >= y0) & (xy[:, 1] < y0 + side)
-            best = max(best, int(inside.sum()))
-    ij_min = np.floor(xy / 100).min(0) * 100  # lattice anchored as densest_count anchors it
-    assert ij_min.tolist() == [0.0, 0.0]
-    assert densest_count(xy, side) == best
+    for n, side in ((200, 200.0), (60, 90.0), (300, 50.0)):
+        xy = rng.uniform(0, 1000, (n, 2))
+        xy[:5] = np.round(xy[:5])  # a few on integer coordinates, exactly side apart below
+        xy[5] = xy[4] + side  # closed square: both ends count
+        best = 0
+        for x0 in xy[:, 0]:
+            band = xy[(xy[:, 0] >= x0) & (xy[:, 0] <= x0 + side)]
+            for y0 in band[:, 1]:
+                best = max(best, int(((band[:, 1] >= y0) & (band[:, 1] <= y0 + side)).sum()))
+        assert densest_count(xy, side) == best
+        lattice = 0  # the old half-side lattice search can only find less
+        for x0 in np.arange(-side, 1000, side / 2):
+            for y0 in np.arange(-side, 1000, side / 2):
+                inside = ((xy[:, 0] >= x0) & (xy[:, 0] < x0 + side) & (xy[:, 1] >= y0)
+                          & (xy[:, 1] < y0 + side))
+                lattice = max(lattice, int(inside.sum()))
+        assert best >= lattice
     assert densest_count(np.zeros((0, 2)), side) == 0
+    assert densest_count(np.array([[5.0, 5.0], [5.0, 5.0]]), 1.0) == 2

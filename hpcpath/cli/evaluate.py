@@ -1,8 +1,9 @@
 """``hpcpath evaluate``: score inference outputs against ground truth.
 
 * ``detections``: detection files vs point truth, TUPAC16 rule (a hit within 30 px at
-  0.25 um/px, scaled by each slide's MPP; one hit per truth), global F1 / precision / recall
-  and the best threshold;
+  0.25 um/px, scaled by each slide's MPP; one hit per truth, or deep-histopath's ``any``),
+  global F1 / precision / recall and the best threshold; per-slide proliferation scores
+  (densest 10 HPF), with kappa and Spearman against a label table;
 * ``heatmaps``: heatmap windows vs truth masks or polygons: tile AUC, slide AUC, ROC plot,
   CAMELYON16 FROC and its plot;
 * ``classify``: apply a saved slide classifier to a new run's slides;
@@ -53,6 +54,18 @@ def evaluate():
     """Score detections, heatmaps and slide-level predictions against ground truth."""
 
 
+def _cuts(value):
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected two counts LOW,HIGH such as 6,12, got {value!r}") from None
+    if not lo < hi:
+        raise click.BadParameter(f"LOW must be below HIGH, got {value!r}")
+    return lo, hi
+
+
 @evaluate.command("detections")
 @click.argument("preds", nargs=-1, required=True, metavar="DETECTIONS_OR_DIR...")
 @click.option("-t", "--truth", "truth", multiple=True, required=True, type=click.Path(),
@@ -60,21 +73,29 @@ def evaluate():
 @click.option("--mpp", type=float, help="MPP of slides the run's summary.csv does not list.")
 @click.option("--radius-px", type=float, default=30.0, show_default=True, help="Hit radius at --ref-mpp.")
 @click.option("--ref-mpp", type=float, default=0.25, show_default=True, help="MPP the radius is given at.")
+@click.option("--matching", type=click.Choice(["one-to-one", "any"]), default="one-to-one", show_default=True,
+              help="one-to-one: each truth matches one detection, a second hit is a FP (TUPAC16); "
+                   "any: every detection within the radius of a truth is part of one TP, none a FP (deep-histopath).")
 @click.option("--threshold", type=float, help="Score only detections >= this (default: all in the files).")
 @click.option("--class", "classes", multiple=True, help="Truth classes to count (default: every point).")
-@click.option("-o", "--out", "out_dir", type=click.Path(), help="Folder for metrics.json and f1_threshold.png.")
-def detections(preds, truth, mpp, radius_px, ref_mpp, threshold, classes, out_dir):
+@click.option("-l", "--labels", type=click.Path(), help="Slide label table (slide id, proliferation score 1-3): kappa and Spearman of the proliferation scores.")
+@click.option("--cuts", callback=lambda c, p, v: _cuts(v), metavar="LOW,HIGH",
+              help="Mitoses per 10 HPF that still score 1 and 2 [6,12].")
+@click.option("-o", "--out", "out_dir", type=click.Path(), help="Folder for metrics.json, proliferation.csv and f1_threshold.png.")
+def detections(preds, truth, mpp, radius_px, ref_mpp, matching, threshold, classes, labels, cuts, out_dir):
     """Detection files (SLIDE.detections.csv from hpcpath infer) against point truth: F1,
     precision, recall and the best threshold under the TUPAC16 rule (30 px at 0.25 um/px,
-    scaled by each slide's MPP)."""
-    from hpcpath.evaluate.runs import load_detection_sets, score_detections
+    scaled by each slide's MPP), and each slide's proliferation score (mitoses in the densest
+    10 high-power fields = 2 mm^2, scored 1-3)."""
+    from hpcpath.evaluate.runs import load_detection_sets, score_detections, score_proliferation
 
     out = _out(out_dir)
     ds = load_detection_sets(list(preds), list(truth), mpp=mpp, radius_px=radius_px,
                              ref_mpp=ref_mpp, classes=list(classes) or None)
-    m = score_detections(ds, threshold)
+    m = score_detections(ds, threshold, matching)
     radii = sorted({round(r, 3) for r in ds.radii})
     click.echo(f"slides {len(ds.slide_ids)}  radius {', '.join(map(str, radii))} px  "
+               f"matching {matching}{' (default)' if matching == 'one-to-one' else ''}  "
                f"TP {m['tp']}  FP {m['fp']}  FN {m['fn']}")
     click.echo(f"F1 {_fmt(m['f1'])}  precision {_fmt(m['precision'])}  recall {_fmt(m['recall'])}")
     if m["best"]:
@@ -85,6 +106,23 @@ def detections(preds, truth, mpp, radius_px, ref_mpp, threshold, classes, out_di
             from hpcpath.evaluate.plots import plot_f1_threshold
 
             plot_f1_threshold(m["_best"], out / "f1_threshold.png")
+    prolif = score_proliferation(ds, threshold, labels, cuts)
+    m["proliferation"] = {k: v for k, v in prolif.items()}
+    scores = "  ".join(f"{r['slide_id']}:{r['mitoses_per_10hpf']}->{r['proliferation_score']}"
+                       for r in prolif["rows"][:8])
+    more = f"  (+{len(prolif['rows']) - 8} more)" if len(prolif["rows"]) > 8 else ""
+    click.echo(f"proliferation (mitoses per 10 HPF -> score, cuts {prolif['cuts']}): {scores}{more}")
+    if "agreement" in prolif:
+        a = prolif["agreement"]
+        why = a.get("kappa_why") or a.get("why")
+        click.echo(f"proliferation vs labels ({a['slides']} slides): quadratic kappa "
+                   f"{_fmt(a['kappa_quadratic'])}{f' ({why})' if why else ''}  Spearman {_fmt(a['spearman'])}")
+    if out is not None:
+        from hpcpath.infer.outputs import write_table
+
+        cols = ("slide_id", "detections", "mitoses_per_10hpf", "proliferation_score") + (
+            ("label",) if labels is not None else ())
+        write_table(out / "proliferation.csv", prolif["rows"], cols)
     _save_json(out, m)
 
 

@@ -1,7 +1,9 @@
 """Metrics for computational pathology: pure numpy/scipy functions, no cluster, no slides.
 
-* detection: the TUPAC16 mitosis rule (points within 30 px at 0.25 um/px), global F1, best
-  score threshold;
+* detection: the TUPAC16 mitosis rule (points within 30 px at 0.25 um/px; one-to-one, or
+  deep-histopath's ``any``), global F1, best score threshold;
+* proliferation: mitoses in the densest 10 high-power fields, TUPAC16's 1-3 score, agreement
+  with a slide label table (quadratic-weighted kappa, Spearman);
 * roc: tie-aware ROC and AUC (agrees with scikit-learn), per-class AUC;
 * froc: the CAMELYON16 lesion-level FROC and its evaluation mask;
 * plots: PNGs of those curves (needs matplotlib; imported on first use).
@@ -9,8 +11,10 @@
 
 from hpcpath.evaluate._common import MetricError
 from hpcpath.evaluate.detection import (
+    MATCHING_RULES,
     TUPAC_MPP,
     TUPAC_RADIUS_PX,
+    AnyMatch,
     DetectionScores,
     Match,
     ThresholdResult,
@@ -36,7 +40,9 @@ __all__ = [
     # detection
     "TUPAC_RADIUS_PX",
     "TUPAC_MPP",
+    "MATCHING_RULES",
     "Match",
+    "AnyMatch",
     "DetectionScores",
     "ThresholdResult",
     "radius_for_mpp",

@@ -23,6 +23,7 @@ __all__ = [
     "DetectionSet",
     "load_detection_sets",
     "score_detections",
+    "score_proliferation",
     "HeatmapSet",
     "load_heatmap_set",
     "truth_raster",
@@ -180,28 +181,54 @@ def load_detection_sets(pred_paths, truth_paths, *, mpp: float | None = None,
     return out
 
 
-def score_detections(ds: DetectionSet, threshold: float | None = None) -> dict[str, Any]:
-    """Global F1 / precision / recall (all detections, or those ``>= threshold``), the best
-    threshold, and per-slide counts."""
-    from hpcpath.evaluate.detection import best_threshold, match_detections
+def score_detections(ds: DetectionSet, threshold: float | None = None,
+                     matching: str = "one-to-one") -> dict[str, Any]:
+    """Global F1 / precision / recall (all detections, or those ``>= threshold``) under the
+    ``matching`` rule (``one-to-one`` or ``any``), the best threshold, and per-slide counts."""
+    from hpcpath.evaluate.detection import DetectionScores, best_threshold, match_detections
 
     preds = [p if threshold is None else p[p[:, 2] >= threshold] for p in ds.preds]
     per, tp, fp, fn = [], 0, 0, 0
     for sid, p, t, r, m in zip(ds.slide_ids, preds, ds.truths, ds.radii, ds.mpps):
-        mt = match_detections(p[:, :2], t, r)
+        mt = match_detections(p[:, :2], t, r, matching)
         tp, fp, fn = tp + mt.tp, fp + mt.fp, fn + mt.fn
         per.append({"slide_id": sid, "tp": mt.tp, "fp": mt.fp, "fn": mt.fn, "radius_px": r, "mpp": m})
-    from hpcpath.evaluate.detection import DetectionScores
-
     sc = DetectionScores.from_counts(tp, fp, fn)
-    out: dict[str, Any] = {"f1": sc.f1, "precision": sc.precision, "recall": sc.recall,
-                           "tp": tp, "fp": fp, "fn": fn, "threshold": threshold,
-                           "slides": per, "best": None}
+    out: dict[str, Any] = {"matching": matching, "f1": sc.f1, "precision": sc.precision,
+                           "recall": sc.recall, "tp": tp, "fp": fp, "fn": fn,
+                           "threshold": threshold, "slides": per, "best": None}
     if sum(len(p) for p in preds):
-        best = best_threshold(preds, ds.truths, ds.radii)
+        best = best_threshold(preds, ds.truths, ds.radii, matching)
         out["best"] = {"threshold": best.threshold, "f1": best.f1, "precision": best.precision,
                        "recall": best.recall}
         out["_best"] = best
+    return out
+
+
+def score_proliferation(ds: DetectionSet, threshold: float | None = None,
+                        labels: str | os.PathLike | None = None, cuts=None) -> dict[str, Any]:
+    """Per slide, mitoses in the densest 10 HPF and the 1-3 score
+    (:mod:`hpcpath.evaluate.proliferation`) from the detections ``>= threshold``; with a
+    label table (slide id -> score), quadratic-weighted kappa and Spearman."""
+    from hpcpath.evaluate.proliferation import (PROLIFERATION_CUTS, agreement, mitoses_per_10hpf,
+                                                proliferation_score)
+
+    cuts = tuple(cuts or PROLIFERATION_CUTS)
+    rows, counts = [], {}
+    for sid, p, m in zip(ds.slide_ids, ds.preds, ds.mpps):
+        p = p if threshold is None else p[p[:, 2] >= threshold]
+        n = mitoses_per_10hpf(p[:, :2], m)
+        counts[sid] = n
+        rows.append({"slide_id": sid, "detections": int(len(p)), "mitoses_per_10hpf": n,
+                     "proliferation_score": proliferation_score(n, cuts)})
+    out: dict[str, Any] = {"cuts": list(cuts), "rows": rows}
+    if labels is not None:
+        from hpcpath.annotations import read_label_table
+
+        table = read_label_table(labels)
+        for r in rows:
+            r["label"] = table.get(r["slide_id"])
+        out["agreement"] = agreement(counts, table, cuts)
     return out
 
 

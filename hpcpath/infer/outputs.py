@@ -34,7 +34,7 @@ __all__ = [
 SUMMARY_COLUMNS = (
     "slide_id", "status", "reused", "name", "mode", "task", "windows", "tasks", "devices",
     "mpp", "tissue_mm2", "max_prob", "mean_prob", "topk_mean", "positive_fraction",
-    "detections", "detections_per_mm2", "hpf10_max", "io_wait_fraction", "seconds", "error",
+    "detections", "detections_per_mm2", "hpf10_max", "proliferation_score", "io_wait_fraction", "seconds", "error",
     "store",
 )
 TASK_COLUMNS = (

@@ -30,7 +30,6 @@ from hpcpath.infer.predictions import ATTR, GROUP, Predictions, create_group, re
 __all__ = ["plan_predictions", "predict_windows", "detect_candidates", "finish_predictions",
            "output_paths"]
 
-HPF10_MM2 = 2.0  # TUPAC16: mitoses are counted in 10 high-power fields, about 2 mm^2
 
 
 def output_paths(out_dir: str, slide_id: str) -> dict[str, Path]:
@@ -355,7 +354,7 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
     number of detections."""
     import zarr
 
-    from hpcpath.infer.detect import densest_count, merge_points
+    from hpcpath.infer.detect import merge_points
     from hpcpath.infer.outputs import detections_csv, detections_geojson, overlay_png
 
     root = zarr.open_group(store, mode="r+")
@@ -399,9 +398,11 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
         area = info.get("tissue_mm2")
         summary["detections"] = int(len(xy))
         summary["detections_per_mm2"] = (len(xy) / area) if area else None
-        if info.get("mpp"):
-            side = math.sqrt(HPF10_MM2) * 1000.0 / info["mpp"]
-            summary["hpf10_max"] = densest_count(xy, side)
+        if info.get("mpp"):  # TUPAC16: mitoses in the densest 10 HPF (2 mm^2), score 1-3
+            from hpcpath.evaluate.proliferation import mitoses_per_10hpf, proliferation_score
+
+            summary["hpf10_max"] = mitoses_per_10hpf(xy, info["mpp"])
+            summary["proliferation_score"] = proliferation_score(summary["hpf10_max"])
     thumb, f = _thumbnail(root, tuple(root.attrs["hpcpath"]["slide"]["level_dimensions"][0]))
     heat = (_heat_on_thumb(g["heatmap"], ch, grid, thumb.shape[:2], f)
             if info["mode"] == "window" else None)
