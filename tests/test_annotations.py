@@ -340,7 +340,8 @@ def test_geojson_variants(tmp_path):
     feats = [
         {"type": "Feature", "geometry": {"type": "MultiPolygon",
                                          "coordinates": [[ring, hole], [[[200, 0, 5], [300, 0, 5],
-                                                                          [300, 50, 5]]]]},
+                                                                          [300, 50, 5],
+                                                                          [200, 0, 5]]]]},
          "properties": {"classification": {"name": "Tumor"}}},
         {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[1, 2], [3, 4]]},
          "properties": {"classification": "Lymphocyte"}},
@@ -440,35 +441,188 @@ def _asap_file(tmp_path, coords, name="bad.xml"):
     return path
 
 
-def test_bow_tie_is_an_error_and_a_spike_is_repaired(tmp_path):
+def test_bow_tie_is_kept_as_a_multipolygon_and_a_spike_is_repaired(tmp_path):
     bow = _asap_file(tmp_path, [(0, 0), (100, 100), (100, 0), (0, 100)])
-    with pytest.raises(AnnotationError) as exc:
-        read_annotations(bow)
-    _one_line(exc, f'{bow}: Annotation "Annotation 3": invalid polygon (Self-intersection',
-              "splits into 2 parts")
-    assert isinstance(exc.value, ValueError) and isinstance(exc.value, HpcpathError)
-    again = pickle.loads(pickle.dumps(exc.value))
-    assert type(again) is AnnotationError and str(again) == str(exc.value)
-    raw = read_annotations(bow, validate=False)  # reading alone never raises for it
-    assert len(raw.regions) == 1
+    with pytest.warns(AnnotationWarning, match="splits into 2 parts"):
+        s = read_annotations(bow)
+    (r,) = s.regions
+    assert len(r.parts) == 2 and r.area == pytest.approx(5000) and r.label == "Tumor"
+    assert s.warnings == [f'{bow}: Annotation "Annotation 3": invalid polygon (Self-intersection'
+                          '[50 50]) splits into 2 parts, all kept as one multipolygon']
+    # both lobes are drawn: the raster equals shapely's repaired geometry at pixel centres
+    m = s.rasterize((100, 100)).astype(bool)
+    yy, xx = np.mgrid[:100, :100] + 0.5
+    fixed = shapely.make_valid(shapely.Polygon([(0, 0), (100, 100), (100, 0), (0, 100)]))
+    off = shapely.distance(fixed.boundary, shapely.points(xx, yy)) > 1e-9  # centres on edges
+    assert np.array_equal(m[off], shapely.contains_xy(fixed, xx, yy)[off])  # may go either way
+    assert m[50, 10] and m[50, 90] and not m[10, 50] and not m[90, 50]
+    raw = read_annotations(bow, validate=False)  # reading alone never repairs
+    assert len(raw.regions) == 1 and len(raw.regions[0].parts) == 1 and not raw.warnings
     spike = _asap_file(tmp_path, [(0, 0), (100, 0), (100, 100), (50, 100), (50, 150), (50, 100),
                                   (0, 100)], "spike.xml")
     with pytest.warns(AnnotationWarning, match="repaired"):
         s = read_annotations(spike)
-    assert s.regions[0].area == 10000 and len(s.warnings) == 1
+    assert s.regions[0].area == 10000 and len(s.regions[0].parts) == 1 and len(s.warnings) == 1
     assert s.warnings[0].startswith(f'{spike}: Annotation "Annotation 3": invalid polygon')
 
 
 @pytest.mark.parametrize("coords,reason", [
-    ([(0, 0), (10, 10), (0, 0)], "empty polygon: 2 distinct vertices, need at least 3"),
-    ([(0, 0), (10, 10), (20, 20)], "empty polygon: zero area"),
-    ([], "empty polygon: 0 distinct vertices"),
+    ([(0, 0), (10, 10), (0, 0)], "outline: 2 distinct vertices, need at least 3, skipped"),
+    ([(0, 0), (10, 10), (20, 20)], "outline: zero area, skipped"),
+    ([], "outline: 0 distinct vertices, need at least 3, skipped"),
+    ([(0, 0), (10, float("nan")), (0, 10)], "outline: non-finite vertex coordinate (nan), skipped"),
+    ([(0, 0), (1e30, 0), (0, 10)], "outline: vertex coordinate 1e+30 lies beyond any slide, skipped"),
 ])
-def test_empty_polygons_are_errors(tmp_path, coords, reason):
+def test_empty_or_corrupt_polygons_are_skipped_with_a_warning(tmp_path, coords, reason):
     path = _asap_file(tmp_path, coords)
-    with pytest.raises(AnnotationError) as exc:
-        read_annotations(path)
-    _one_line(exc, f'{path}: Annotation "Annotation 3": {reason}')
+    with pytest.warns(AnnotationWarning):
+        s = read_annotations(path)
+    assert s.regions == [] and s.warnings == [f'{path}: Annotation "Annotation 3": {reason}']
+
+
+# ----------------------------------------------------------------------------- messy files
+NAN, INF = float("nan"), float("inf")
+# (name, vertices or point, defect warned about or None): the same list in every format
+MESSY = [
+    ("good square", [(10, 10), (60, 10), (60, 60), (10, 60)], None),
+    ("repeated vertices", [(100, 10), (150, 10), (150, 10), (150, 60), (100, 60), (100, 60)], None),
+    ("good triangle", [(200, 10), (260, 10), (230, 70)], None),
+    ("spike", [(300, 10), (360, 10), (360, 60), (330, 60), (330, 90), (330, 60), (300, 60)],
+     "invalid polygon (Self-intersection[330 90]) repaired"),
+    ("bow tie", [(400, 10), (460, 70), (460, 10), (400, 70)],
+     "invalid polygon (Self-intersection[430 40]) splits into 2 parts, all kept"),
+    ("double bow tie", [(500, 10), (540, 50), (580, 10), (580, 70), (540, 30), (500, 70)],
+     "splits into 3 parts, all kept"),
+    ("nan vertex", [(10, 100), (NAN, 100), (60, 150)], "non-finite vertex coordinate (nan)"),
+    ("inf vertex", [(10, 200), (INF, 200), (60, 250)], "non-finite vertex coordinate (inf)"),
+    ("huge vertex", [(10, 300), (1e30, 300), (60, 350)], "coordinate 1e+30 lies beyond any slide"),
+    ("zero area", [(10, 400), (50, 400), (90, 400)], "outline: zero area"),
+    ("duplicates only", [(10, 500), (10, 500), (20, 510), (10, 500)],
+     "outline: 2 distinct vertices, need at least 3"),
+    ("not a number", [(10, 600), ("1a", 600), (60, 650)], None),  # format-specific reason
+    ("good point", (700.0, 700.0), None),
+    ("nan point", (NAN, 5.0), "point: non-finite vertex coordinate (nan)"),
+    ("huge point", (5.0, -1e30), "point: vertex coordinate -1e+30 lies beyond any slide"),
+]
+NOT_A_NUMBER = {"asap": 'X="1a" is not a number', "aperio": 'X="1a" is not a number',
+                "geojson": "coordinates must be lists of [x, y] numbers"}
+
+
+def _xml_number(v):
+    return v if isinstance(v, str) else repr(float(v))
+
+
+def _messy_asap(path):
+    anns = []
+    for name, xy, _ in MESSY:
+        kind, xy = ("Dot", [xy]) if isinstance(xy, tuple) else ("Polygon", xy)
+        coords = "".join(f'<Coordinate Order="{k}" X="{_xml_number(x)}" Y="{_xml_number(y)}"/>'
+                         for k, (x, y) in enumerate(xy))
+        anns.append(f'<Annotation Name="{name}" Type="{kind}" PartOfGroup="Tumor">'
+                    f"<Coordinates>{coords}</Coordinates></Annotation>")
+    path.write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations>' + "".join(anns)
+                    + "</Annotations><AnnotationGroups/></ASAP_Annotations>")
+    return {name: f'Annotation "{name}"' for name, _, _ in MESSY}
+
+
+def _messy_aperio(path):
+    """ImageScope as MoNuSeg ships it: an unnamed layer whose class is in an Attribute."""
+    regions, where = [], {}
+    for i, (name, xy, _) in enumerate(MESSY, 1):
+        pts = [xy] if isinstance(xy, tuple) else xy
+        kind = "5" if isinstance(xy, tuple) else "0"
+        verts = "".join(f'<Vertex X="{_xml_number(x)}" Y="{_xml_number(y)}" Z="0"/>'
+                        for x, y in pts)
+        regions.append(f'<Region Id="{i}" Type="{kind}" NegativeROA="0"><Attributes/>'
+                       f"<Vertices>{verts}</Vertices></Region>")
+        where[name] = f"Annotation 1 Region {i}"
+    path.write_text('<Annotations MicronsPerPixel="0.25"><Annotation Id="1" Name="" Type="4">'
+                    '<Attributes><Attribute Name="Epithelial" Id="0" Value=""/></Attributes>'
+                    "<Regions>" + "".join(regions) + "</Regions></Annotation></Annotations>")
+    return where
+
+
+def _messy_geojson(path):
+    feats = []
+    for name, xy, _ in MESSY:
+        if isinstance(xy, tuple):
+            geom = {"type": "Point", "coordinates": list(xy)}
+        else:
+            geom = {"type": "Polygon", "coordinates": [[list(p) for p in [*xy, xy[0]]]]}
+        feats.append({"type": "Feature", "geometry": geom,
+                      "properties": {"classification": {"name": "Tumor"}, "name": name}})
+    # GeoJSON only: an unclosed ring (skipped) and a corrupt hole (dropped, outline kept)
+    feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        [[800, 10], [860, 10], [860, 60], [800, 60]]]}, "properties": {}})
+    feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        [[900, 10], [960, 10], [960, 60], [900, 60], [900, 10]],
+        [[910, 20], [920, NAN], [920, 30], [910, 20]]]}, "properties": {}})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return {name: f"feature {i}" for i, (name, _, _) in enumerate(MESSY)}
+
+
+@pytest.mark.parametrize("fmt", ["asap", "aperio", "geojson"])
+def test_messy_files_load_with_one_warning_per_defect(tmp_path, fmt):
+    path = tmp_path / f"messy.{'geojson' if fmt == 'geojson' else 'xml'}"
+    where = {"asap": _messy_asap, "aperio": _messy_aperio, "geojson": _messy_geojson}[fmt](path)
+    with pytest.warns(AnnotationWarning) as record:
+        s = read_annotations(path)
+    expect = {name: (NOT_A_NUMBER[fmt] if name == "not a number" else reason)
+              for name, _, reason in MESSY}
+    if fmt == "geojson":
+        where.update({"unclosed": f"feature {len(MESSY)}", "bad hole": f"feature {len(MESSY) + 1}"})
+        expect.update({"unclosed": "outline is not closed", "bad hole": "hole 1: non-finite vertex"})
+    warned = [n for n, r in expect.items() if r]
+    # one warning per defect, one line each, naming the file, the element and the defect
+    assert len(s.warnings) == len(warned), s.warnings
+    assert [str(w.message) for w in record if w.category is AnnotationWarning] == s.warnings
+    for name in warned:
+        head = f"{path}: {where[name]}"
+        (line,) = [w for w in s.warnings if w.startswith((head + ":", head + " Coordinate",
+                                                           head + " Vertex"))]
+        assert expect[name] in line and line.endswith(
+            ("skipped", "repaired", "multipolygon", "hole dropped")), line
+        assert "\n" not in line
+    # every good region kept, exactly; the split ones whole, every part kept
+    got = {r.element: r for r in s.regions}
+    kept = ["good square", "repeated vertices", "good triangle", "spike", "bow tie",
+            "double bow tie"] + (["bad hole"] if fmt == "geojson" else [])
+    assert sorted(got) == sorted(where[n] for n in kept)
+    shapes = {name: xy for name, xy, _ in MESSY}
+    for name in kept[:-1] if fmt == "geojson" else kept:
+        poly = shapely.Polygon(shapes[name])
+        want = shapely.make_valid(poly) if not poly.is_valid else poly
+        if name == "spike":
+            want = poly.buffer(0)
+        r = got[where[name]]
+        assert r.area == pytest.approx(want.area)
+        assert len(r.parts) == len(shapely.get_parts(want)) == {"bow tie": 2,
+                                                                "double bow tie": 3}.get(name, 1)
+    assert got[where["repeated vertices"]].outer.tolist() == [[100, 10], [150, 10], [150, 60],
+                                                               [100, 60]]
+    if fmt == "geojson":
+        hole = got["feature 16"]
+        assert len(hole.rings) == 1 and hole.area == 60 * 50  # the corrupt hole dropped
+    # the class: Aperio's unnamed layer takes it from its Attribute
+    assert s.labels() == (["Epithelial"] if fmt == "aperio" else ["Tumor"] if fmt == "asap"
+                          else ["Tumor", UNCLASSIFIED])
+    assert [(p.x, p.y) for p in s.points] == [(700.0, 700.0)]
+    # everything kept rasterises; nothing non-finite reaches the raster
+    m = s.rasterize((100, 1000))
+    assert m[35, 35] and m[35, 125] and m[40, 415] and m[40, 445] and not m[20, 430]
+
+
+def test_point_table_skips_bad_rows(tmp_path):
+    path = tmp_path / "mitoses.csv"
+    path.write_text("x,y\n10,20\nnan,5\n7,inf\n1e30,4\n3,abc\n30,40\n")
+    with pytest.warns(AnnotationWarning):
+        s = read_annotations(path)
+    assert s.points_xy().tolist() == [[10, 20], [30, 40]]
+    assert s.warnings == [f"{path}: row 3: point: non-finite vertex coordinate (nan), skipped",
+                          f"{path}: row 4: point: non-finite vertex coordinate (inf), skipped",
+                          f"{path}: row 5: point: vertex coordinate 1e+30 lies beyond any slide, "
+                          "skipped",
+                          f"{path}: row 6: y='abc' is not a number, skipped"]
 
 
 def test_unknown_class_names():
@@ -484,23 +638,11 @@ def test_unknown_class_names():
     ("a.xml", "<ASAP_Annotations><Annotations>\n<Annotation></Annotations>",
      ["line 2 column 14: malformed XML (mismatched tag)"]),
     ("b.xml", "<Root/>", ["<Root>: root element is neither"]),
-    ("c.xml", '<ASAP_Annotations><Annotations><Annotation Name="N"><Coordinates>'
-              '<Coordinate Order="0" X="1a" Y="2"/></Coordinates></Annotation></Annotations>'
-              "</ASAP_Annotations>",
-     ['Annotation "N" Coordinate 0: X="1a" is not a number']),
     ("d.geojson", '{"type": "FeatureCollection",\n "features": [}',
      ["line 2 column 15: malformed JSON"]),
-    ("e.geojson", json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}},
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[1, 2], [3, 4]]}}]}),
-     ["feature 1: coordinates must be lists of [x, y] numbers"]),
-    ("f.geojson", json.dumps({"type": "Feature", "geometry": {"type": "Circle"}}),
-     ["feature 0: unknown geometry type 'Circle'"]),
     ("g.json", json.dumps({"hello": 1}), ["top level: not a GeoJSON FeatureCollection"]),
-    ("h.csv", "x,y\n1,2\n3,abc\n", ["row 3: y='abc' is not a number"]),
     ("i.csv", "a,b,c\n1,2,3\n", ["header: no x column (columns found: a, b, c)"]),
     ("j.csv", 'x,y\n1,"2\n', ["row 2: malformed CSV (unexpected end of data)"]),
-    ("k.csv", "x,y\n1\n", ["row 2: missing column 'y' (1 values)"]),
     ("l.txt", "hello", ["unknown annotation format"]),
     ("m.tif", "", ["a mask image: open it with MaskAnnotation"]),
     ("n.xml", None, ["cannot read"]),
@@ -512,6 +654,66 @@ def test_malformed_files_fail_on_one_line(tmp_path, name, text, parts):
     with pytest.raises(AnnotationError) as exc:
         read_annotations(path)
     _one_line(exc, f"{path}: ", *parts)
+
+
+@pytest.mark.parametrize("name,text,parts", [
+    ("c.xml", '<ASAP_Annotations><Annotations><Annotation Name="N"><Coordinates>'
+              '<Coordinate Order="0" X="1a" Y="2"/></Coordinates></Annotation></Annotations>'
+              "</ASAP_Annotations>", 'Annotation "N" Coordinate 0: X="1a" is not a number, skipped'),
+    ("e.geojson", json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[1, 2], [3, 4]]}}]}),
+     "feature 1: coordinates must be lists of [x, y] numbers, skipped"),
+    ("f.geojson", json.dumps({"type": "Feature", "geometry": {"type": "Circle"}}),
+     "feature 0: unknown geometry type 'Circle', skipped"),
+    ("k.csv", "x,y\n1\n", "row 2: missing column 'y' (1 values), skipped"),
+])
+def test_unreadable_elements_cost_a_warning_not_the_file(tmp_path, name, text, parts):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.warns(AnnotationWarning):
+        s = read_annotations(path)
+    assert s.warnings == [f"{path}: {parts}"] and not s.regions
+
+
+def _region_rings(path):
+    """Each ``Region``'s vertices, read with ElementTree directly (not through hpcpath)."""
+    import xml.etree.ElementTree as ET
+
+    return [[(float(v.get("X")), float(v.get("Y"))) for v in reg.iter("Vertex")]
+            for reg in ET.parse(path).getroot().iter("Region")]
+
+
+def test_real_monuseg_files_load(test_data, tmp_path):
+    """Real ImageScope files (MoNuSeg 2018): hand-drawn nuclei, many crossing themselves."""
+    paths = sorted((test_data / "annotations-real").glob("*.xml"))
+    assert len(paths) == 2
+    for path in paths:
+        rings = _region_rings(path)
+        drawn = [shapely.Polygon(r) for r in rings]
+        with pytest.warns(AnnotationWarning):
+            s = read_annotations(path)
+        # every nucleus read: none is degenerate, so none skipped, and none counted twice
+        assert len(s.regions) == len(rings) and 500 < len(rings) < 600
+        # one warning per invalid ring, naming file and region; the split ones keep all parts
+        assert len(s.warnings) == sum(not p.is_valid for p in drawn) > 40
+        assert all(w.startswith(f"{path}: Annotation 1 Region ") and "\n" not in w
+                   for w in s.warnings)
+        split = {r.element for r in s.regions if len(r.parts) > 1}
+        assert len(split) >= 5
+        assert split == {w.split(": ")[1] for w in s.warnings if "splits into" in w}
+        # the repaired nuclei cover what the drawn rings enclose
+        assert sum(r.area for r in s.regions) == pytest.approx(
+            sum(shapely.make_valid(p).area for p in drawn), rel=1e-6)
+        # these files carry no class (empty Name, empty <Attributes/>): unclassified
+        assert s.labels() == [UNCLASSIFIED]
+        # MoNuSeg's training files put the class in an Attribute of the unnamed layer
+        text = path.read_text()
+        classed = tmp_path / path.name
+        classed.write_text(text.replace("<Attributes/>", '<Attributes><Attribute Name='
+                                        '"Epithelial" Id="0" Value=""/></Attributes>', 1))
+        c = read_annotations(classed)
+        assert c.labels() == ["Epithelial"] and len(c.regions) == len(rings)
 
 
 def test_label_table_errors(tmp_path):

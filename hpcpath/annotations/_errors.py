@@ -9,7 +9,7 @@ import warnings
 
 from hpcpath.errors import AnnotationError
 
-__all__ = ["AnnotationError", "AnnotationWarning", "fail", "warn"]
+__all__ = ["AnnotationError", "AnnotationWarning", "fail", "warn", "skip"]
 
 
 def _one_line(text: str) -> str:
@@ -37,5 +37,14 @@ def fail(path, element: str | None, reason: str) -> AnnotationError:
 def warn(sink: list[str], path, element: str | None, reason: str) -> None:
     """Record a one-line warning in ``sink`` and issue it as an ``AnnotationWarning``."""
     text = message(path, element, reason)
+    sink.append(text)
+    warnings.warn(text, AnnotationWarning, stacklevel=3)
+
+
+def skip(sink: list[str], exc: AnnotationError) -> None:
+    """Turn the error of one element (a region, a feature, a row) into a warning: the element
+    is skipped and the rest of the file is read -- a file fails only when it cannot be parsed
+    at all."""
+    text = _one_line(f"{exc}, skipped")
     sink.append(text)
     warnings.warn(text, AnnotationWarning, stacklevel=3)

@@ -1,10 +1,15 @@
 """Aperio ImageScope XML: ``Annotations/Annotation/Regions/Region/Vertices/Vertex``.
 
-An ``Annotation`` is a layer; its class is the layer's ``Name`` (else its ``Description``
-attribute).  Region ``Type``: 0 free-hand/polygon and 1 rectangle are areas; 2 is an
+An ``Annotation`` is a layer; its class is, in this order: the layer's ``Name``; else the
+``Name`` of its first ``Attribute`` whose ``Value`` is empty (MoNuSeg and other exports put
+the class there: ``<Attribute Name="Epithelial" Value=""/>``); else the first non-empty
+attribute ``Value``; else the ``Description`` attribute's value; else unclassified.  The
+``Description`` attribute is ImageScope's default column, so its name is never a class.  Region ``Type``: 0 free-hand/polygon and 1 rectangle are areas; 2 is an
 ellipse given by two bounding-box corners (read as a 64-gon); 3 arrow and 4 ruler are lines
 (skipped with a warning); any other type is read by its vertex count (one vertex: a point,
-three or more: a polygon).  ``NegativeROA="1"`` regions are cut out of the same layer's
+three or more: a polygon).  A region that cannot be read (a vertex that is not a number) is
+skipped with a warning; defects of the shape itself are left to
+:meth:`AnnotationSet.validate`.  ``NegativeROA="1"`` regions are cut out of the same layer's
 regions, as ImageScope's analyses do.
 """
 
@@ -15,11 +20,10 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from hpcpath.annotations._errors import warn
+from hpcpath.annotations._errors import AnnotationError, skip, warn
 from hpcpath.annotations.asap import number
-from hpcpath.annotations.model import (UNCLASSIFIED, AnnotationSet, Point, Region,
-                                       _from_shapely, _polygon_parts, _repair, _shapely,
-                                       _to_shapely)
+from hpcpath.annotations.model import (UNCLASSIFIED, AnnotationSet, Point, Region, _clean,
+                                       _from_shapely, _polygon_parts, _shapely, _to_shapely)
 
 __all__ = ["read_aperio"]
 
@@ -28,13 +32,23 @@ _NAMED = {"polygon": "0", "freehand": "0", "rectangle": "1", "ellipse": "2", "ar
 
 
 def _label(ann: ET.Element) -> str:
+    """The layer's class (module docstring gives the order)."""
     name = (ann.get("Name") or "").strip()
-    if not name:
-        for attr in ann.iterfind("Attributes/Attribute"):
-            if attr.get("Name") == "Description" and (attr.get("Value") or "").strip():
-                name = attr.get("Value").strip()
-                break
-    return name or UNCLASSIFIED
+    if name:
+        return name
+    attrs = [((a.get("Name") or "").strip(), (a.get("Value") or "").strip())
+             for a in ann.iterfind("Attributes/Attribute")]
+    others = [(n, v) for n, v in attrs if n.lower() != "description"]
+    for n, v in others:
+        if n and not v:
+            return n
+    for n, v in others:
+        if v:
+            return v
+    for n, v in attrs:
+        if n.lower() == "description" and v:
+            return v
+    return (ann.get("Description") or "").strip() or UNCLASSIFIED
 
 
 def _ellipse(xy: list[tuple[float, float]], n: int = 64) -> np.ndarray:
@@ -50,23 +64,24 @@ def _cut(positive: list[Region], negative: list[Region], sink: list[str]) -> lis
     if not negative:
         return positive
     shapely = _shapely()
-    holes = [_to_shapely(_repair(r, sink)) for r in negative]
-    cut = shapely.union_all(holes)
+    negative = [c for c in (_clean(r, sink) for r in negative) if c is not None]
+    positive = [c for c in (_clean(r, sink) for r in positive) if c is not None]
+    holes = [_to_shapely(r) for r in negative]
+    cut = shapely.union_all(holes) if holes else None
     for r, h in zip(negative, holes):
         if not any(h.intersects(_to_shapely(p)) for p in positive):
             warn(sink, r.source, r.element, "negative region overlaps no region, skipped")
     out = []
     for r in positive:
-        poly = _to_shapely(_repair(r, sink))
-        if not poly.intersects(cut):
+        poly = _to_shapely(r)
+        if cut is None or not poly.intersects(cut):
             out.append(r)
             continue
         parts = _polygon_parts(poly.difference(cut))
         if not parts:
             warn(sink, r.source, r.element, "wholly cut out by negative regions, dropped")
-        for i, part in enumerate(parts):
-            out.append(_from_shapely(part, r, r.element if len(parts) == 1
-                                     else f"{r.element} part {i}"))
+            continue
+        out.append(_from_shapely(parts, r, r.element))
     return out
 
 
@@ -81,9 +96,13 @@ def read_aperio(root: ET.Element, path) -> AnnotationSet:
         negative: list[Region] = []
         for j, reg in enumerate(ann.iterfind("Regions/Region")):
             element = f"{layer} Region {reg.get('Id', j + 1)}"
-            xy = [(number(v.get("X"), src, f"{element} Vertex {k}", "X"),
-                   number(v.get("Y"), src, f"{element} Vertex {k}", "Y"))
-                  for k, v in enumerate(reg.iterfind("Vertices/Vertex"))]
+            try:
+                xy = [(number(v.get("X"), src, f"{element} Vertex {k}", "X"),
+                       number(v.get("Y"), src, f"{element} Vertex {k}", "Y"))
+                      for k, v in enumerate(reg.iterfind("Vertices/Vertex"))]
+            except AnnotationError as exc:
+                skip(out.warnings, exc)
+                continue
             kind = (reg.get("Type") or "0").strip()
             kind = _NAMED.get(kind.lower(), kind)
             if kind in ("3", "4"):

@@ -5,7 +5,8 @@ Each ``Annotation`` has a ``Type`` (``Polygon``, ``Spline``, ``Rectangle``, ``Do
 for tumour and ``_2`` for exclusions; ``None`` means no group) and ``Coordinates`` in
 level-0 pixels.  A ``Spline`` is read as the polygon through its control points (what
 CAMELYON16's own mask tool rasterised); a ``Measurement`` is a line, so it is skipped with a
-warning.
+warning.  An annotation that cannot be read (a coordinate that is not a number) is skipped
+with a warning; the shape's own defects are left to :meth:`AnnotationSet.validate`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from hpcpath.annotations._errors import fail, warn
+from hpcpath.annotations._errors import AnnotationError, fail, skip, warn
 from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, Region
 
 __all__ = ["read_asap"]
@@ -66,7 +67,11 @@ def read_asap(root: ET.Element, path) -> AnnotationSet:
         group = ann.get("PartOfGroup") or "None"
         label = UNCLASSIFIED if group == "None" else group
         kind = (ann.get("Type") or "Polygon").strip()
-        xy = _coordinates(ann, src, element)
+        try:
+            xy = _coordinates(ann, src, element)
+        except AnnotationError as exc:
+            skip(out.warnings, exc)
+            continue
         if kind.lower() in _AREAS:
             out.regions.append(Region((xy,), label, src, element))
         elif kind.lower() in _POINTS:

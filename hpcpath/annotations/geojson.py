@@ -6,7 +6,11 @@ Points: ``Point``, ``MultiPoint``.  ``LineString``/``MultiLineString`` enclose n
 they are skipped with a warning.  The class is ``properties.classification.name`` (QuPath);
 unclassified objects get :data:`UNCLASSIFIED`.  For QuPath cells, ``geometry`` is the cell
 boundary (``nucleusGeometry`` is ignored).  Coordinates are level-0 pixels; a third (z)
-coordinate is dropped.
+coordinate is dropped.  A feature (or one polygon of a ``MultiPolygon``) that cannot be
+read is skipped with a warning: an unknown geometry type, coordinates that are not
+``[x, y]`` numbers, a ring that does not end on its first vertex (GeoJSON rings are closed:
+an open one may be a truncated outline).  The shape's own defects are left to
+:meth:`AnnotationSet.validate`.  Only a document that is not GeoJSON at all fails.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 
 import numpy as np
 
-from hpcpath.annotations._errors import fail, warn
+from hpcpath.annotations._errors import AnnotationError, fail, skip, warn
 from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, Region
 
 __all__ = ["read_geojson"]
@@ -66,7 +70,14 @@ def _polygon(coords, label: str, src: str, element: str) -> Region:
         raise fail(src, element, "Polygon coordinates must be a list of rings")
     if not coords:
         raise fail(src, element, "empty polygon: no rings")
-    return Region(tuple(_positions(r, src, element) for r in coords), label, src, element)
+    rings = [_positions(r, src, element) for r in coords]
+    for k, ring in enumerate(rings):
+        ends = ring[[0, -1]] if len(ring) else ring
+        if len(ring) and np.isfinite(ends).all() and (ends[0] != ends[1]).any():
+            what = "outline" if k == 0 else f"hole {k}"
+            raise fail(src, element, f"{what} is not closed (its last vertex "
+                       f"{ends[1].tolist()} is not its first {ends[0].tolist()})")
+    return Region(tuple(rings), label, src, element)
 
 
 def _geometry(geom, label: str, src: str, element: str, out: AnnotationSet) -> None:
@@ -75,7 +86,7 @@ def _geometry(geom, label: str, src: str, element: str, out: AnnotationSet) -> N
     kind = geom.get("type")
     if kind == "GeometryCollection":
         for k, g in enumerate(geom.get("geometries") or []):
-            _geometry(g, label, src, f"{element} geometry {k}", out)
+            _guarded(g, label, src, f"{element} geometry {k}", out)
         return
     if kind not in _GEOMETRIES:
         raise fail(src, element, f"unknown geometry type {kind!r}")
@@ -87,8 +98,11 @@ def _geometry(geom, label: str, src: str, element: str, out: AnnotationSet) -> N
     elif kind == "MultiPolygon":
         if not isinstance(coords, list):
             raise fail(src, element, "MultiPolygon coordinates must be a list of polygons")
-        for k, poly in enumerate(coords):
-            out.regions.append(_polygon(poly, label, src, f"{element} polygon {k}"))
+        for k, poly in enumerate(coords):  # each polygon on its own: a bad one costs itself
+            try:
+                out.regions.append(_polygon(poly, label, src, f"{element} polygon {k}"))
+            except AnnotationError as exc:
+                skip(out.warnings, exc)
     elif kind == "Point":
         out.points.append(Point(*_position(coords, src, element), label, src, element))
     elif kind == "MultiPoint":
@@ -98,6 +112,14 @@ def _geometry(geom, label: str, src: str, element: str, out: AnnotationSet) -> N
         warn(out.warnings, src, element, f"{kind} is not an area, skipped")
 
 
+def _guarded(geom, label: str, src: str, element: str, out: AnnotationSet) -> None:
+    """One geometry read, or skipped with a warning when it cannot be."""
+    try:
+        _geometry(geom, label, src, element, out)
+    except AnnotationError as exc:
+        skip(out.warnings, exc)
+
+
 def read_geojson(doc, path) -> AnnotationSet:
     """Regions and points of a decoded GeoJSON document."""
     src = os.fspath(path)
@@ -105,10 +127,11 @@ def read_geojson(doc, path) -> AnnotationSet:
     for i, feat in enumerate(_features(doc, src)):
         element = f"feature {i}"
         if not isinstance(feat, dict):
-            raise fail(src, element, "a feature must be a JSON object")
+            warn(out.warnings, src, element, "a feature must be a JSON object, skipped")
+            continue
         geom = feat.get("geometry")
         if geom is None:
             warn(out.warnings, src, element, "no geometry, skipped")
             continue
-        _geometry(geom, _label(feat.get("properties")), src, element, out)
+        _guarded(geom, _label(feat.get("properties")), src, element, out)
     return out

@@ -25,7 +25,13 @@ __all__ = ["Region", "Point", "AnnotationSet", "UNCLASSIFIED"]
 UNCLASSIFIED = "Unclassified"  # label of objects with no class/group (QuPath's own term)
 
 
+MAX_COORD = 2.0 ** 31  # |x|, |y| at or beyond this lie past any slide: a corrupt vertex
+
+
 def _ring_array(ring, source: str, element: str) -> np.ndarray:
+    """``(K, 2)`` float64 vertices without the closing vertex.  Only the shape is checked
+    here (a reader skips the element when it fails); NaN, huge or repeated vertices are
+    dealt with by :meth:`AnnotationSet.validate`, one warning per defect."""
     try:
         arr = np.array(ring, dtype=np.float64)
     except (TypeError, ValueError):
@@ -35,8 +41,6 @@ def _ring_array(ring, source: str, element: str) -> np.ndarray:
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise fail(source, element,
                    f"a ring must be a list of x, y vertices, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise fail(source, element, "non-finite vertex coordinate")
     if len(arr) > 1 and (arr[0] == arr[-1]).all():
         arr = arr[:-1]  # drop the closing vertex: one convention for every format
     arr.setflags(write=False)
@@ -52,18 +56,32 @@ def _ring_area(ring: np.ndarray) -> float:
 @dataclass(frozen=True, eq=False)
 class Region:
     """A polygon: ``rings[0]`` is the outer boundary, the rest are holes; ``(K, 2)`` float64
-    level-0 ``x, y`` vertices without the closing vertex."""
+    level-0 ``x, y`` vertices without the closing vertex.
+
+    ``more`` holds the further polygons of a multipolygon (each a tuple of rings, outer
+    first): a hand-drawn ring that crosses itself is repaired into several parts, and all of
+    them stay one region, named by its element, so nothing drawn is lost or counted twice.
+    """
 
     rings: tuple[np.ndarray, ...]
     label: str
     source: str
     element: str
+    more: tuple[tuple[np.ndarray, ...], ...] = ()
 
     def __post_init__(self) -> None:
         rings = tuple(_ring_array(r, self.source, self.element) for r in self.rings)
         if not rings:
             raise fail(self.source, self.element, "polygon has no rings")
+        more = tuple(tuple(_ring_array(r, self.source, self.element) for r in part)
+                     for part in self.more)
         object.__setattr__(self, "rings", rings)
+        object.__setattr__(self, "more", tuple(p for p in more if p))
+
+    @property
+    def parts(self) -> tuple[tuple[np.ndarray, ...], ...]:
+        """Every polygon of the region (one unless it is a multipolygon)."""
+        return (self.rings, *self.more)
 
     @property
     def outer(self) -> np.ndarray:
@@ -75,14 +93,18 @@ class Region:
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        """``xmin, ymin, xmax, ymax`` of the outer ring."""
-        (x0, y0), (x1, y1) = self.outer.min(axis=0), self.outer.max(axis=0)
+        """``xmin, ymin, xmax, ymax`` of the outer rings (all parts)."""
+        outer = np.concatenate([p[0] for p in self.parts]).reshape(-1, 2)
+        if not len(outer):
+            return (np.nan,) * 4
+        (x0, y0), (x1, y1) = outer.min(axis=0), outer.max(axis=0)
         return float(x0), float(y0), float(x1), float(y1)
 
     @property
     def area(self) -> float:
-        """Outer area minus hole areas (level-0 px^2)."""
-        return abs(_ring_area(self.outer)) - sum(abs(_ring_area(h)) for h in self.holes)
+        """Outer areas minus hole areas, over all parts (level-0 px^2)."""
+        return sum(abs(_ring_area(p[0])) - sum(abs(_ring_area(h)) for h in p[1:])
+                   for p in self.parts)
 
     def replace(self, **changes) -> Region:
         return dataclasses.replace(self, **changes)
@@ -110,7 +132,8 @@ def _shapely():
 
 def _to_shapely(region: Region):
     shapely = _shapely()
-    return shapely.Polygon(region.outer, list(region.holes))
+    polys = [shapely.Polygon(p[0], list(p[1:])) for p in region.parts]
+    return polys[0] if len(polys) == 1 else shapely.MultiPolygon(polys)
 
 
 def _polygon_parts(geom) -> list:
@@ -124,10 +147,15 @@ def _polygon_parts(geom) -> list:
     return []
 
 
-def _from_shapely(poly, like: Region, element: str) -> Region:
-    rings = [np.asarray(poly.exterior.coords)[:, :2]]
-    rings += [np.asarray(h.coords)[:, :2] for h in poly.interiors]
-    return like.replace(rings=tuple(rings), element=element)
+def _from_shapely(polys, like: Region, element: str) -> Region:
+    """A region of one or more shapely polygons (a list makes a multipolygon)."""
+    def rings(poly):
+        return (np.asarray(poly.exterior.coords)[:, :2],
+                *[np.asarray(h.coords)[:, :2] for h in poly.interiors])
+
+    polys = list(polys) if isinstance(polys, (list, tuple)) else [polys]
+    return like.replace(rings=rings(polys[0]), more=tuple(rings(p) for p in polys[1:]),
+                        element=element)
 
 
 def _check_classes(items, classes: Collection[str]) -> None:
@@ -149,39 +177,100 @@ def _collinear(ring: np.ndarray) -> bool:
     return bool(np.all(np.abs(cross) <= 1e-12 * float((d[k] ** 2).sum())))
 
 
-def _check_not_empty(region: Region) -> None:
-    for k, ring in enumerate(region.rings):
-        what = "polygon" if k == 0 else f"hole {k}"
-        distinct = len(np.unique(ring, axis=0))
-        if distinct < 3:
-            raise fail(region.source, region.element,
-                       f"empty {what}: {distinct} distinct vertices, need at least 3")
-        if _collinear(ring):
-            raise fail(region.source, region.element, f"empty {what}: zero area")
+def _coordinate_defect(xy: np.ndarray) -> str | None:
+    """Why these coordinates cannot be a place on a slide (NaN, inf, 1e30), or None."""
+    bad = ~np.isfinite(xy)
+    if bad.any():
+        return f"non-finite vertex coordinate ({xy[bad].flat[0]})"
+    big = np.abs(xy) >= MAX_COORD
+    if big.any():
+        return f"vertex coordinate {xy[big].flat[0]:g} lies beyond any slide"
+    return None
 
 
-def _repair(region: Region, sink: list[str]) -> Region:
-    """Empty rings are errors.  A self-intersecting polygon is repaired only when the fix is
-    one polygon that keeps all of its area; a bow-tie (two lobes) is an error, since any
-    single-polygon answer would silently drop a lobe."""
-    _check_not_empty(region)
+def _ring_defect(ring: np.ndarray) -> str | None:
+    """Why a (de-duplicated) ring encloses no area, or None."""
+    reason = _coordinate_defect(ring)
+    if reason:
+        return reason
+    distinct = len(np.unique(ring, axis=0))
+    if distinct < 3:
+        return f"{distinct} distinct vertices, need at least 3"
+    if _collinear(ring):
+        return "zero area"
+    return None
+
+
+def _dedupe(ring: np.ndarray) -> np.ndarray:
+    """Drop vertices that repeat the one before (the shape is unchanged; hand-drawn files
+    are full of them, so they cost no warning)."""
+    if len(ring) < 2:
+        return ring
+    keep = np.r_[True, (np.diff(ring, axis=0) != 0).any(axis=1)]
+    out = ring[keep]
+    if len(out) > 1 and (out[0] == out[-1]).all():
+        out = out[:-1]
+    return out
+
+
+def _clean(region: Region, sink: list[str]) -> Region | None:
+    """The region made usable, or None (skipped), with one warning per defect.
+
+    Skipped: an outline with NaN/inf or beyond-any-slide coordinates, fewer than 3 distinct
+    vertices or zero area (a bad hole is dropped, its polygon kept).  A self-intersecting
+    polygon is repaired (``make_valid``; ``buffer(0)`` when that keeps it one polygon of
+    the same area); when the repair splits it (a bow-tie, a figure eight), every part is
+    kept as one multipolygon region.
+    """
+    src, el = region.source, region.element
+    multi = len(region.parts) > 1
+    parts = []
+    for i, part in enumerate(region.parts):
+        what = f"part {i} " if multi else ""
+        outer = _dedupe(part[0])
+        reason = _ring_defect(outer)
+        if reason:
+            warn(sink, src, el, f"{what}outline: {reason}, skipped")
+            continue
+        holes = []
+        for k, hole in enumerate(part[1:], 1):
+            hole = _dedupe(hole)
+            reason = _ring_defect(hole)
+            if reason:
+                warn(sink, src, el, f"{what}hole {k}: {reason}, hole dropped")
+            else:
+                holes.append(hole)
+        parts.append((outer, *holes))
+    if not parts:
+        return None
+    region = region.replace(rings=parts[0], more=tuple(parts[1:]))
     shapely = _shapely()
     poly = _to_shapely(region)
     if poly.is_valid:
         return region
     reason = shapely.is_valid_reason(poly)
     fixed = _polygon_parts(shapely.make_valid(poly))
-    if len(fixed) != 1:
+    if len(fixed) > 1:
         target = sum(p.area for p in fixed)
         buffered = _polygon_parts(poly.buffer(0))
         if len(buffered) == 1 and abs(buffered[0].area - target) <= 1e-9 * max(target, 1.0):
             fixed = buffered
-        else:
-            raise fail(region.source, region.element,
-                       f"invalid polygon ({reason}): it splits into {len(fixed)} parts; "
-                       "redraw it or save the parts as separate annotations")
-    warn(sink, region.source, region.element, f"invalid polygon ({reason}) repaired")
-    return _from_shapely(fixed[0], region, region.element)
+    if not fixed:
+        warn(sink, src, el, f"invalid polygon ({reason}) with no area left, skipped")
+        return None
+    if len(fixed) == 1:
+        warn(sink, src, el, f"invalid polygon ({reason}) repaired")
+    else:
+        warn(sink, src, el, f"invalid polygon ({reason}) splits into {len(fixed)} parts, "
+             "all kept as one multipolygon")
+    return _from_shapely(fixed, region, el)
+
+
+def _clean_point(p: Point, sink: list[str]) -> bool:
+    reason = _coordinate_defect(np.array([p.x, p.y], np.float64))
+    if reason:
+        warn(sink, p.source, p.element, f"point: {reason}, skipped")
+    return reason is None
 
 
 @dataclass
@@ -246,15 +335,15 @@ class AnnotationSet:
                 regions.append(r)
                 continue
             shapely = shapely or _shapely()
-            r = _repair(r, sink)
+            r = _clean(r, sink)
+            if r is None:
+                continue
             parts = _polygon_parts(_to_shapely(r).intersection(shapely.box(0, 0, width, height)))
             if not parts:
                 warn(sink, r.source, r.element, "outside slide bounds, dropped")
                 continue
             warn(sink, r.source, r.element, "clipped to slide bounds")
-            for i, part in enumerate(parts):
-                element = r.element if len(parts) == 1 else f"{r.element} part {i}"
-                regions.append(_from_shapely(part, r, element))
+            regions.append(_from_shapely(parts, r, r.element))
         points = []
         for p in self.points:
             if 0 <= p.x < width and 0 <= p.y < height:
@@ -265,20 +354,18 @@ class AnnotationSet:
 
     def validate(self, classes: Mapping[str, int] | Collection[str] | None = None
                  ) -> AnnotationSet:
-        """Check every region and label; return the set with repairable polygons repaired.
-
-        Errors (``AnnotationError`` naming file and element): a ring with fewer than 3
-        distinct vertices or zero area; a self-intersecting polygon that does not repair into
-        one polygon of the same area (a bow-tie); with ``classes``, a label not in it.
-        Repairs (``make_valid``, else ``buffer(0)``) add a warning.
+        """Every region and point made usable, one warning per defect (:func:`_clean`):
+        repeated vertices dropped; self-intersecting polygons repaired, a polygon that
+        repair splits kept whole as a multipolygon; regions and points with NaN/inf or
+        beyond-any-slide coordinates, fewer than 3 distinct vertices or zero area skipped.
+        Only an unknown label (with ``classes``) is an error: that is the task's config.
         """
         if classes is not None:
             _check_classes([*self.regions, *self.points], classes)
         sink = list(self.warnings)
-        regions = []
-        for r in self.regions:
-            regions.append(_repair(r, sink))
-        return AnnotationSet(regions, list(self.points), sink)
+        regions = [c for c in (_clean(r, sink) for r in self.regions) if c is not None]
+        points = [p for p in self.points if _clean_point(p, sink)]
+        return AnnotationSet(regions, points, sink)
 
     def rasterize(self, shape: tuple[int, int], origin: tuple[float, float] = (0.0, 0.0),
                   downsample: float = 1.0, classes: Mapping[str, int] | None = None
@@ -298,6 +385,10 @@ class AnnotationSet:
                 raise ConfigError(f"class values must be 0..255 for a uint8 raster, got {bad}")
         values = [1 if classes is None else int(classes[r.label]) for r in self.regions]
         order = sorted(range(len(values)), key=lambda i: values[i] == 0)  # stable
-        return rasterize_polygons([list(self.regions[i].rings) for i in order], shape,
-                                  origin=origin, downsample=downsample,
-                                  values=[values[i] for i in order])
+        polygons, per_polygon = [], []
+        for i in order:  # a multipolygon's parts share the region's value
+            for part in self.regions[i].parts:
+                polygons.append(list(part))
+                per_polygon.append(values[i])
+        return rasterize_polygons(polygons, shape, origin=origin, downsample=downsample,
+                                  values=per_polygon)

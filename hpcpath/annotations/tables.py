@@ -16,8 +16,8 @@ from typing import Literal
 
 import numpy as np
 
-from hpcpath.annotations._errors import fail
-from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point
+from hpcpath.annotations._errors import AnnotationError, fail, skip
+from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, _clean_point
 from hpcpath.io.discover import SLIDE_SUFFIXES
 
 __all__ = ["read_point_table", "points_by_slide", "read_label_table", "read_chestxray_csv",
@@ -105,7 +105,7 @@ def _slide_key(value: str) -> str:
     return p.stem if p.suffix.lower() in _IMAGE_SUFFIXES else p.name
 
 
-def _point_rows(path, headerless_order: str, label: str):
+def _point_rows(path, headerless_order: str, label: str, warnings: list[str]):
     src = os.fspath(path)
     rows = _rows(path)
     if not rows:
@@ -125,11 +125,16 @@ def _point_rows(path, headerless_order: str, label: str):
         ig, il = _find(header, _GROUP), _find(header, _POINT_LABEL)
     out = []
     for line, row in rows:
-        group = _slide_key(_cell(row, ig, line, src, header)) if ig is not None else None
-        lab = _cell(row, il, line, src, header) if il is not None else label
-        out.append((group, Point(_float(row, ix, line, src, header),
-                                 _float(row, iy, line, src, header),
-                                 lab or label, src, f"row {line}")))
+        try:  # a bad row costs itself (a warning), not the table
+            group = _slide_key(_cell(row, ig, line, src, header)) if ig is not None else None
+            lab = _cell(row, il, line, src, header) if il is not None else label
+            point = Point(_float(row, ix, line, src, header), _float(row, iy, line, src, header),
+                          lab or label, src, f"row {line}")
+        except AnnotationError as exc:
+            skip(warnings, exc)
+            continue
+        if _clean_point(point, warnings):  # NaN, inf, 1e30: skipped with a warning
+            out.append((group, point))
     return src, ig, out
 
 
@@ -145,19 +150,23 @@ def read_point_table(path, slide_id: str | None = None, *,
     ignored.  With ``slide_id`` and a slide/image column, only that slide's rows are kept
     (cells compare by file stem); an empty table is zero points.
     """
-    _, ig, rows = _point_rows(path, headerless_order, label)
+    sink: list[str] = []
+    _, ig, rows = _point_rows(path, headerless_order, label, sink)
     keep = [p for g, p in rows if slide_id is None or ig is None or g == slide_id]
-    return AnnotationSet(points=keep)
+    return AnnotationSet(points=keep, warnings=sink)
 
 
 def points_by_slide(path, *, label: str = UNCLASSIFIED) -> dict[str, AnnotationSet]:
     """Split a point table with a slide/image column into one set per slide id."""
-    src, ig, rows = _point_rows(path, "xy", label)
+    sink: list[str] = []
+    src, ig, rows = _point_rows(path, "xy", label, sink)
     if rows and ig is None:
         raise fail(src, "header", f"no slide/image column (one of: {', '.join(_GROUP)})")
     out: dict[str, AnnotationSet] = {}
     for g, p in rows:
         out.setdefault(g, AnnotationSet()).points.append(p)
+    if out:  # skipped rows belong to no slide: report them once, with the first
+        next(iter(out.values())).warnings.extend(sink)
     return out
 
 
