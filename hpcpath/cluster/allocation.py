@@ -1,0 +1,411 @@
+"""A Dask cluster inside one Slurm allocation, for ``slurm/tile.sbatch`` and
+``slurm/infer.sbatch``: the scheduler and the hpcpath driver on the batch node, one Dask
+worker per Slurm task (``srun``, across every node of the allocation).
+
+    python -m hpcpath.cluster.allocation run [--gpu-per-task] STAGE [ARGS...]
+    python -m hpcpath.cluster.allocation address        # this node's contact address
+
+What passes between nodes goes through a shared path or the network, never a node-local
+one: the scheduler file and the logs are in the *job folder* (``$HPCPATH_JOB_DIR``, default
+``$SLURM_SUBMIT_DIR/.hpcpath/slurm-<jobid>``, which must be on a filesystem every node
+mounts); only each worker's scratch space is node-local (``${TMPDIR:-/tmp}`` of its node).
+The scheduler listens on the batch node's *contact address* (:func:`choose_address`: the
+interface named by ``$HPCPATH_INTERFACE``, else the address Slurm has for the node), never on
+whatever ``gethostbyname(gethostname())`` says (127.0.1.1 on a default Debian host, or
+nothing).  The driver starts only once every task's worker has connected, and the job fails
+with one line when they do not come.  At the end, the tasks each node ran go to the job log
+and ``<job folder>/workers.json`` -- an idle node is visible.
+
+The dashboard listens on ``$HPCPATH_DASHBOARD`` (``HOST:PORT``, ``none`` for no dashboard);
+by default on the batch node's contact address, port 8787, so that
+``ssh -L 8787:NODE:8787 LOGIN`` reaches it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hpcpath.errors import ClusterError
+
+__all__ = [
+    "choose_address",
+    "contact_address",
+    "job_dir",
+    "pin_gpu",
+    "worker_command",
+    "run_in_allocation",
+]
+
+DASHBOARD_PORT = 8787
+DEFAULT_WORKER_TIMEOUT = 120.0
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_ip(addr: str) -> bool:
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return True
+
+
+def choose_address(
+    interface: str | None,
+    interfaces: Mapping[str, Sequence[str]],
+    node_addr: str | None = None,
+    resolved: Sequence[str] = (),
+    *,
+    multi_node: bool = True,
+    node: str = "this node",
+) -> str:
+    """The IPv4 address other nodes dial to reach ``node`` (pure: the caller gathers the facts).
+
+    In order: the first address of ``interface`` (``$HPCPATH_INTERFACE``; ``interfaces`` maps
+    names to their IPv4 addresses); else Slurm's ``NodeAddr`` for the node, itself or
+    ``resolved`` (what it resolves to) when it is a name; else, on a one-node job, 127.0.0.1.
+    A loopback answer is refused when other nodes must dial it.  Failure: one-line
+    :class:`ClusterError` naming the fix.
+
+    >>> ifaces = {"lo": ["127.0.0.1"], "eth0": ["192.168.1.5"], "ib0": ["10.1.0.5"]}
+    >>> choose_address("ib0", ifaces, "cn5", ["192.168.1.5"])
+    '10.1.0.5'
+    >>> choose_address(None, ifaces, "10.77.0.11")
+    '10.77.0.11'
+    >>> choose_address(None, ifaces, "cn5", ["127.0.1.1", "192.168.1.5"])
+    '192.168.1.5'
+    >>> choose_address(None, {}, None, multi_node=False)
+    '127.0.0.1'
+    >>> choose_address("ib1", ifaces, "cn5", node="cn5")
+    Traceback (most recent call last):
+    hpcpath.errors.ClusterError: HPCPATH_INTERFACE=ib1: cn5 has no such network interface (it has eth0, ib0, lo)
+    >>> choose_address(None, ifaces, "cn5", ["127.0.1.1"], node="cn5")
+    Traceback (most recent call last):
+    hpcpath.errors.ClusterError: Slurm's address of cn5 (NodeAddr cn5) is 127.0.1.1, a loopback address other nodes cannot dial; set HPCPATH_INTERFACE to the cluster network's interface (e.g. ib0)
+    """
+    hint = "set HPCPATH_INTERFACE to the cluster network's interface (e.g. ib0)"
+    if interface:
+        if interface not in interfaces:
+            have = ", ".join(sorted(interfaces)) or "none"
+            raise ClusterError(
+                f"HPCPATH_INTERFACE={interface}: {node} has no such network interface (it has {have})"
+            )
+        addrs = list(interfaces[interface])
+        if not addrs:
+            raise ClusterError(f"HPCPATH_INTERFACE={interface}: the interface has no IPv4 address on {node}")
+        return addrs[0]
+    if node_addr:
+        candidates = [node_addr] if _is_ip(node_addr) else list(resolved)
+        if not candidates:
+            raise ClusterError(
+                f"Slurm's address of {node} (NodeAddr {node_addr}) does not resolve; {hint}"
+            )
+        usable = [a for a in candidates if not _is_loopback(a)]
+        if usable:
+            return usable[0]
+        if not multi_node:
+            return candidates[0]
+        raise ClusterError(
+            f"Slurm's address of {node} (NodeAddr {node_addr}) is {candidates[0]}, a loopback "
+            f"address other nodes cannot dial; {hint}"
+        )
+    if not multi_node:
+        return "127.0.0.1"
+    raise ClusterError(f"cannot tell which address other nodes reach {node} at (not in a Slurm job?); {hint}")
+
+
+def _interfaces() -> dict[str, list[str]]:
+    import psutil
+
+    return {
+        name: [a.address for a in addrs if a.family == socket.AF_INET]
+        for name, addrs in psutil.net_if_addrs().items()
+    }
+
+
+def _slurm_node_addr(node: str) -> str | None:
+    """``NodeAddr`` of ``node`` as slurmctld has it (``scontrol show node``), or None."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for field in out.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1] or None
+    return None
+
+
+def _resolve(name: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def contact_address(env: Mapping[str, str] | None = None, *, multi_node: bool | None = None) -> str:
+    """This node's contact address (:func:`choose_address` with facts from this machine:
+    ``$HPCPATH_INTERFACE``, its interfaces, ``scontrol show node $SLURMD_NODENAME``).
+    ``multi_node`` defaults to whether the Slurm job spans several nodes."""
+    env = os.environ if env is None else env
+    if multi_node is None:
+        multi_node = int(env.get("SLURM_JOB_NUM_NODES", "1") or 1) > 1
+    interface = env.get("HPCPATH_INTERFACE") or None
+    node = env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    node_addr = None if interface else _slurm_node_addr(node) if env.get("SLURM_JOB_ID") else None
+    resolved = _resolve(node_addr) if node_addr and not _is_ip(node_addr) else []
+    return choose_address(interface, _interfaces(), node_addr, resolved,
+                          multi_node=multi_node, node=node)
+
+
+def job_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The job folder every node sees: ``$HPCPATH_JOB_DIR``, else
+    ``$SLURM_SUBMIT_DIR/.hpcpath/slurm-$SLURM_JOB_ID``.
+
+    >>> job_dir({"SLURM_SUBMIT_DIR": "/home/ann/run", "SLURM_JOB_ID": "42"}).as_posix()
+    '/home/ann/run/.hpcpath/slurm-42'
+    """
+    env = os.environ if env is None else env
+    if env.get("HPCPATH_JOB_DIR"):
+        return Path(env["HPCPATH_JOB_DIR"])
+    submit = env.get("SLURM_SUBMIT_DIR") or os.getcwd()
+    return Path(submit, ".hpcpath", f"slurm-{env.get('SLURM_JOB_ID', os.getpid())}")
+
+
+def pin_gpu(visible: str, local_id: int) -> str:
+    """The one device a node's ``local_id``-th task keeps of the step's ``CUDA_VISIBLE_DEVICES``.
+
+    >>> pin_gpu("0,1", 1), pin_gpu("2,3", 0), pin_gpu("0,1", 3), pin_gpu("", 0)
+    ('1', '2', '1', '')
+    """
+    devices = [d for d in visible.split(",") if d]
+    return devices[local_id % len(devices)] if devices else ""
+
+
+def worker_command(
+    python: str,
+    scheduler_file: str | os.PathLike[str],
+    *,
+    local_directory: str | os.PathLike[str],
+    name: str,
+    interface: str | None = None,
+    gpu: bool = False,
+) -> list[str]:
+    """The ``dask worker`` command of one Slurm task: one process, one thread, no memory
+    limit (Slurm enforces the job's), the Dask resource ``GPU=1`` when it holds a GPU.
+
+    >>> worker_command("py", "/shared/s.json", local_directory="/tmp/w", name="n1-0", gpu=True)[-4:]
+    ['--name', 'n1-0', '--resources', 'GPU=1']
+    """
+    cmd = [python, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+           "--nworkers", "1", "--nthreads", "1", "--memory-limit", "0",
+           "--local-directory", str(local_directory), "--name", name]
+    if interface:
+        cmd[5:5] = ["--interface", interface]
+    if gpu:
+        cmd += ["--resources", "GPU=1"]
+    return cmd
+
+
+def _worker_main(scheduler_file: str, gpu_per_task: bool) -> None:
+    """One Slurm task: keep its GPU, make node-local scratch, become the Dask worker."""
+    env = os.environ
+    if gpu_per_task and env.get("CUDA_VISIBLE_DEVICES"):
+        env["CUDA_VISIBLE_DEVICES"] = pin_gpu(env["CUDA_VISIBLE_DEVICES"],
+                                              int(env.get("SLURM_LOCALID", "0")))
+    node = env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    scratch = Path(env.get("TMPDIR") or "/tmp", f"hpcpath-{env.get('SLURM_JOB_ID', os.getpid())}")
+    scratch.mkdir(parents=True, exist_ok=True)
+    cmd = worker_command(sys.executable, scheduler_file, local_directory=scratch,
+                         name=f"{node}-{env.get('SLURM_PROCID', '0')}",
+                         interface=env.get("HPCPATH_INTERFACE") or None,
+                         gpu=gpu_per_task and bool(env.get("CUDA_VISIBLE_DEVICES")))
+    os.execv(cmd[0], cmd)
+
+
+def _worker_facts(dask_worker: Any) -> dict[str, Any]:
+    return {"name": str(dask_worker.name), "host": socket.gethostname(),
+            "tasks": int(dask_worker.state.executed_count)}
+
+
+def _say(message: str) -> None:
+    print(f"hpcpath: {message}", file=sys.stderr, flush=True)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in lines[-n:])
+
+
+def run_in_allocation(stage: str, args: Sequence[str], *, gpu_per_task: bool = False,
+                      env: Mapping[str, str] | None = None) -> int:
+    """Scheduler here, ``srun`` workers on every task, then ``hpcpath STAGE ARGS --cluster
+    ADDRESS``; returns the driver's exit status.  Raises :class:`ClusterError` (one line)
+    when the cluster cannot be formed."""
+    env = dict(os.environ if env is None else env)
+    if not env.get("SLURM_JOB_ID"):
+        raise ClusterError("not inside a Slurm job (no SLURM_JOB_ID); submit with sbatch")
+    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    n_nodes = int(env.get("SLURM_JOB_NUM_NODES", "1") or 1)
+    timeout = float(env.get("HPCPATH_WORKER_TIMEOUT") or DEFAULT_WORKER_TIMEOUT)
+    contact = contact_address(env, multi_node=n_nodes > 1)
+    folder = job_dir(env)
+    folder.mkdir(parents=True, exist_ok=True)
+    sched_file = folder / "scheduler.json"
+    sched_file.unlink(missing_ok=True)
+    dashboard = env.get("HPCPATH_DASHBOARD") or f"{contact}:{DASHBOARD_PORT}"
+    dash_args = (["--no-dashboard"] if dashboard.lower() == "none"
+                 else ["--dashboard-address", dashboard])
+    host = contact if n_nodes > 1 else "127.0.0.1"
+    _say(f"job folder {folder} (scheduler file, logs); scheduler on {host}, "
+         f"{ntasks} worker(s) on {n_nodes} node(s)")
+
+    py = sys.executable
+    sched = workers = None
+    old = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        with open(folder / "scheduler.log", "wb") as log:
+            sched = subprocess.Popen(
+                [py, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(sched_file),
+                 "--host", host, "--port", "0", *dash_args],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while not sched_file.exists() or not sched_file.stat().st_size:
+            if sched.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError(f"the Dask scheduler did not start on {host}: "
+                                   f"{_tail(folder / 'scheduler.log', 2)} (see {folder}/scheduler.log)")
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+
+        task = [py, "-m", "hpcpath.cluster.allocation", "worker", str(sched_file)]
+        if gpu_per_task:
+            task.append("--gpu-per-task")
+        with open(folder / "workers.log", "wb") as log:
+            # --no-kill: a lost node ends its worker, not the step (Dask redoes its tasks).
+            workers = subprocess.Popen(
+                ["srun", f"--ntasks={ntasks}", f"--cpus-per-task={env.get('SLURM_CPUS_PER_TASK', '1')}",
+                 "--kill-on-bad-exit=0", "--no-kill", "--label", *task],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            _wait_for_all(client, workers, ntasks, timeout, folder)
+            status = subprocess.run([py, "-m", "hpcpath.cli.main", stage, *args,
+                                     "--cluster", address], env=env).returncode
+            _report_work(client, folder)
+        return status
+    except _Terminated as exc:
+        _say(f"stopped by {exc}")
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        _stop(workers)
+        _stop(sched)
+        sched_file.unlink(missing_ok=True)
+
+
+def _wait_for_all(client: Any, workers: subprocess.Popen[bytes], n: int, timeout: float,
+                  folder: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        names = sorted(str(w.get("name")) for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        if len(names) >= n:
+            return
+        ended = workers.poll() is not None
+        if ended or time.monotonic() > deadline:
+            why = (f"the worker step (srun) ended with {workers.returncode}" if ended
+                   else f"waited {timeout:.0f} s (HPCPATH_WORKER_TIMEOUT)")
+            have = ", ".join(names) or "none"
+            raise ClusterError(
+                f"{len(names)} of {n} Dask workers connected ({have}); {why}; is {folder} on a "
+                f"filesystem every node shares? see {folder}/workers.log"
+            )
+        time.sleep(0.25)
+
+
+def _report_work(client: Any, folder: Path) -> None:
+    """Tasks each worker ran, to the job log and ``workers.json``: an idle node shows."""
+    try:
+        facts = client.run(_worker_facts, on_error="return")
+    except Exception as exc:  # a report must not fail a finished run
+        _say(f"warning: could not ask the workers what they ran: {exc}")
+        return
+    rows = [dict(address=a, **f) for a, f in sorted(facts.items()) if isinstance(f, dict)]
+    (folder / "workers.json").write_text(json.dumps(rows, indent=1) + "\n")
+    per_host: dict[str, int] = {}
+    for r in rows:
+        per_host[r["host"]] = per_host.get(r["host"], 0) + r["tasks"]
+    _say("tasks per node: " + ", ".join(f"{h} {t}" for h, t in sorted(per_host.items())))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: python -m hpcpath.cluster.allocation run [--gpu-per-task] STAGE [ARGS...]\n"
+             "       python -m hpcpath.cluster.allocation address")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    gpu = "--gpu-per-task" in rest[:1] or (cmd == "worker" and "--gpu-per-task" in rest)
+    try:
+        if cmd == "address":
+            print(contact_address())
+            return 0
+        if cmd == "worker" and rest:
+            _worker_main(rest[0], gpu)
+            return 0  # not reached: exec
+        if cmd == "run":
+            if gpu:
+                rest = rest[1:]
+            if not rest:
+                print(usage, file=sys.stderr)
+                return 2
+            return run_in_allocation(rest[0], rest[1:], gpu_per_task=gpu)
+    except ClusterError as exc:
+        print(f"hpcpath: error: {exc}", file=sys.stderr)
+        return 1
+    print(usage, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
