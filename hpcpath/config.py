@@ -148,7 +148,10 @@ class DatasetConfig(_Frozen):
     )
     centre_fraction: float = Field(50 / 80, gt=0, le=1, description="centre square / patch side")
     fraction_threshold: float = Field(0.5, ge=0, le=1, description="fraction rule: positive at >=")
-    label_downsample: float = Field(4.0, ge=1, description="level-0 px per label-raster px")
+    label_downsample: float | None = Field(
+        None, ge=1, description="level-0 px per label-raster px (default: the tile's own pixel, "
+        "so the centre rule is exact to one tile pixel at any level-0 resolution)"
+    )
     context_downsamples: tuple[float, ...] = Field(
         (), description="extra patches centred on the same point, this many times coarser"
     )

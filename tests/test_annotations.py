@@ -798,3 +798,77 @@ def test_camelyon16_reference_table_is_read_without_a_header(tmp_path):
     # a header with unknown names but no recurring value stays a header
     (tmp_path / "odd.csv").write_text("name_of_slide,verdict\ns1,Tumor\ns2,Normal\n")
     assert read_label_table(tmp_path / "odd.csv") == {"s1": "Tumor", "s2": "Normal"}
+
+
+# ----------------------------------------------------------------------------- the user's path
+def _flat_slide(path, w, h, mpp):
+    """An all-tissue single-level tiled TIFF that OpenSlide reads with ``mpp``."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[...] = (215, 140, 185)
+    img += np.random.default_rng(0).integers(0, 20, (h, w, 1), dtype=np.uint8)
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb", compression="zlib",
+                     resolutionunit="CENTIMETER", resolution=(1e4 / mpp, 1e4 / mpp))
+
+
+@pytest.mark.slow
+def test_cli_dataset_build_over_real_monuseg_files(test_data, tmp_path):
+    """``hpcpath tile`` then ``hpcpath dataset build -a`` over a real ImageScope file as it
+    comes (170 crossing rings, 29 that split): every nucleus labels its tiles, each defect is
+    one warning line naming the file; with the class in an Attribute, ``--class`` finds it."""
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+
+    import zarr
+
+    real = test_data / "annotations-real" / "monuseg-TCGA-AC-A2FO-01A-01-TS1.xml"
+    sid = real.stem
+    _flat_slide(tmp_path / f"{sid}.tif", 1000, 1000, 0.25)  # the MoNuSeg crop's size
+
+    def hpcpath(*args):
+        proc = subprocess.run([sys.executable, "-m", "hpcpath.cli.main", *map(str, args),
+                               "--workers", "1"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    hpcpath("tile", tmp_path / f"{sid}.tif", "-o", tmp_path / "stores", "--tile-size", "32")
+    classed = tmp_path / "classed" / real.name
+    classed.parent.mkdir()
+    classed.write_text(real.read_text().replace(
+        "<Attributes/>", '<Attributes><Attribute Name="Epithelial" Id="0" Value=""/>'
+        "</Attributes>", 1))
+    as_is = hpcpath("dataset", "build", tmp_path / "stores", "-a", real, "-o",
+                    tmp_path / "asis.json", "--name", "asis")
+    by_class = hpcpath("dataset", "build", tmp_path / "stores", "-a", classed.parent,
+                       "--class", "Epithelial", "-o", tmp_path / "classed.json", "--name", "cls")
+    rings = [shapely.Polygon([(float(v.get("X")), float(v.get("Y"))) for v in reg.iter("Vertex")])
+             for reg in ET.parse(real).getroot().iter("Region")]
+    n_invalid = sum(not p.is_valid for p in rings)
+    for proc, path in ((as_is, real), (by_class, classed)):
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpcpath: warning: ")]
+        assert sum("invalid polygon" in ln for ln in lines) == n_invalid == 170
+        assert sum("clipped to slide bounds" in ln for ln in lines) == len(lines) - n_invalid > 0
+        assert all(ln.startswith(f"hpcpath: warning: {path}: Annotation 1 Region ") for ln in lines)
+        assert sum("splits into" in ln for ln in lines) >= 20
+    # the manifest keeps the first 20 per slide and says how many more there were
+    (slide,) = json.loads((tmp_path / "asis.json").read_text())["slides"]
+    assert len(slide["warnings"]) == 21 and slide["warnings"][-1] == (
+        f"... and {len(lines) - 20} more warnings")
+    g = zarr.open_group(str(tmp_path / "stores" / f"{sid}.zarr"), mode="r")
+    index = g["tiles/index"][:].astype(np.float64)
+    labels = {}
+    for name in ("asis", "cls"):
+        d = g[f"datasets/{name}"]
+        labels[name] = np.zeros(len(index), np.uint8)
+        labels[name][d["item_index"][:]] = d["labels"][:]
+    assert np.array_equal(labels["asis"], labels["cls"])
+    # against shapely alone, off the one-pixel band: every tile whose centre square holds a
+    # nucleus is positive, and no other
+    union = shapely.union_all([shapely.make_valid(p) for p in rings])
+    shrink = 32 * (1 - CAMELYON_CENTRE_FRACTION) / 2
+    sq = shapely.box(index[:, 0] + shrink, index[:, 1] + shrink, index[:, 0] + 32 - shrink,
+                     index[:, 1] + 32 - shrink)
+    sure_pos = shapely.intersects(union.buffer(-1), shapely.buffer(sq, -1, join_style="mitre"))
+    sure_neg = ~shapely.intersects(union, shapely.buffer(sq, 1, join_style="mitre"))
+    assert sure_pos.sum() > 300 and sure_neg.sum() > 50
+    assert labels["asis"][sure_pos].all() and not labels["asis"][sure_neg].any()

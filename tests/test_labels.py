@@ -157,3 +157,111 @@ def test_split_rejects_bad_input():
         split_by_group(["a", "a"], stratify=[0, 1])
     with pytest.raises(ConfigError, match="no stratify label"):
         split_groups(["a", "b"], stratify={"a": 1})
+
+
+# ----------------------------------------------------------------------------- label raster
+def _write_slide(path, w, h, mpp):
+    """A flat pink (all tissue) single-level tiled TIFF that OpenSlide reads with ``mpp``."""
+    import tifffile
+
+    img = np.empty((h, w, 3), np.uint8)
+    img[...] = (215, 140, 185)
+    img += np.random.default_rng(0).integers(0, 20, (h, w, 1), dtype=np.uint8)
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb", compression="zlib",
+                     resolutionunit="CENTIMETER", resolution=(1e4 / mpp, 1e4 / mpp))
+
+
+def _random_regions(rng, w, h, n, rmin, rmax):
+    """Star-shaped polygons (some with a hole), sizes from a few px to several tiles."""
+    shapely = pytest.importorskip("shapely")
+    out = []
+    for k in range(n):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(rmin, rmax)
+        t = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 30))))
+        rad = r * rng.uniform(0.3, 1, t.size)
+        poly = shapely.Polygon(np.c_[cx + rad * np.cos(t), cy + rad * np.sin(t)])
+        if k % 3 == 0:
+            poly = poly.difference(shapely.Point(cx, cy).buffer(r / 4, 8))
+        out.extend(p for p in shapely.get_parts(shapely.make_valid(poly))
+                   if p.geom_type == "Polygon" and p.area > 0)
+    return out
+
+
+def _geojson(path, polys):
+    import json
+
+    def ring(c):
+        return [[float(x), float(y)] for x, y in np.asarray(c.coords)[:, :2]]
+
+    feats = [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+              "geometry": {"type": "Polygon",
+                           "coordinates": [ring(p.exterior), *[ring(i) for i in p.interiors]]}}
+             for p in polys]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+
+def _shapely_reference(index, side, cf, polys):
+    """Per tile, from shapely alone (no hpcpath rasteriser): +1 surely positive (the
+    annotation, eroded by 1 px, meets the centre square eroded by 1 px: some pixel centre
+    lies inside both), 0 surely negative (the annotation misses the centre square grown by
+    1 px), -1 in the one-pixel boundary band (either answer is right)."""
+    import shapely
+
+    union = shapely.union_all(polys)
+    inner_union = union.buffer(-1.0)
+    shrink = side * (1 - cf) / 2
+    x0, y0 = index[:, 0] + shrink, index[:, 1] + shrink
+    squares = shapely.box(x0, y0, x0 + side * cf, y0 + side * cf)
+    sure_pos = shapely.intersects(inner_union, shapely.buffer(squares, -1.0, join_style="mitre"))
+    maybe = shapely.intersects(union, shapely.buffer(squares, 1.0, join_style="mitre"))
+    return np.where(sure_pos, 1, np.where(maybe, -1, 0))
+
+
+def _build_labels(root, slide, name, client, **cfg):
+    import zarr
+
+    from hpcpath.config import DatasetConfig
+    from hpcpath.dataset import build_dataset
+
+    res = build_dataset([root / "stores"], [root / f"{slide}.tumor.geojson"],
+                        root / f"{name}.json", DatasetConfig(name=name, **cfg), client=client)
+    assert res.ok, res.failed
+    g = zarr.open_group(str(root / "stores" / f"{slide}.zarr"), mode="r")
+    d = g[f"datasets/{name}"]
+    labels = np.zeros(g["tiles/index"].shape[0], np.uint8)
+    labels[d["item_index"][:]] = d["labels"][:]
+    return labels, dict(d.attrs["hpcpath_dataset"])
+
+
+@pytest.mark.parametrize("case", ["coarse-level-0", "normal"])
+def test_centre_labels_follow_the_tile_pixel(tmp_path, dask_client, case):
+    """A slide whose level 0 is coarse (29 um/px, as a CAMELYON16 DICOM export: 16-px tiles,
+    10-px centre) and a normal one (0.25 um/px, 64-px tiles): centre labels built by
+    ``build_dataset`` agree with shapely everywhere off the 1-px boundary band."""
+    import zarr
+
+    from hpcpath.config import TileConfig
+    from hpcpath.tiling import tile_slides
+
+    mpp, w, h, tile, rmin, rmax = ((29.0, 768, 640, 16, 2, 40) if case == "coarse-level-0"
+                                   else (0.25, 1536, 1280, 64, 6, 160))
+    slide = f"slide_{case}"
+    _write_slide(tmp_path / f"{slide}.tif", w, h, mpp)
+    assert tile_slides([tmp_path / f"{slide}.tif"], tmp_path / "stores",
+                       TileConfig(tile_size=tile), client=dask_client).ok
+    rng = np.random.default_rng(5)
+    polys = [p for p in _random_regions(rng, w, h, 70, rmin, rmax)]
+    _geojson(tmp_path / f"{slide}.tumor.geojson", polys)
+    index = zarr.open_group(str(tmp_path / "stores" / f"{slide}.zarr"), mode="r")["tiles/index"][:]
+    assert len(index) == (w // tile) * (h // tile)
+    ref = _shapely_reference(index.astype(np.float64), tile, CAMELYON_CENTRE_FRACTION, polys)
+    sure = ref >= 0
+    assert (ref == 1).sum() > 100 and (ref == 0).sum() > 100
+    labels, info = _build_labels(tmp_path, slide, "tile-px", dask_client)
+    assert info["label_downsample"] == 1.0  # one label px per tile px (level-0 tiling)
+    assert int((labels[sure] != ref[sure]).sum()) == 0
+    assert (ref == -1).mean() < 0.25  # the band is a minority of tiles
+    if case == "coarse-level-0":
+        # the old fixed raster (4 level-0 px) misses surely-positive patches here
+        old, _ = _build_labels(tmp_path, slide, "fixed-4", dask_client, label_downsample=4.0)
+        assert int((old[sure] != ref[sure]).sum()) > 10

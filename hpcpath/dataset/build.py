@@ -95,6 +95,14 @@ def _positive_labels(cfg: DatasetConfig, labels: list[str]) -> set[str]:
     return set(cfg.classes) | ({UNCLASSIFIED} if add else set())
 
 
+def label_pixel(store_meta: dict, cfg: DatasetConfig) -> float:
+    """Level-0 px per label-raster px: ``label_downsample`` when set, else the tile's own
+    pixel.  One label pixel per tile pixel makes the centre rule exact to one tile pixel
+    whatever level 0 is: a fixed level-0 size is too coarse where level 0 itself is coarse
+    (a DICOM at 29 um/px tiled with 16-px tiles has a 10-px centre)."""
+    return float(cfg.label_downsample or store_meta["tiling"]["downsample"])
+
+
 def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
     """Per-tile (centre label, region fraction) from masks and polygons, block by block so
     memory stays bounded by one block of the label raster."""
@@ -122,7 +130,7 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
                  f"(found: {', '.join(unknown) or 'none'}); set classes or label_map")
         regions = AnnotationSet.concat([regions, pos])
         cut_out = AnnotationSet.concat([cut_out, a.filter(cfg.exclude_classes)])
-    ld = cfg.label_downsample
+    ld = label_pixel(store_meta, cfg)
     boxes = _tile_boxes(index, side)
     labels = np.zeros(len(index), np.uint8)
     fraction = np.zeros(len(index), np.float32)
@@ -206,6 +214,7 @@ def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: in
         extra["min_distance_px"] = dist
     else:
         labels, fraction, warnings = _region_labels(meta, index, ann_files, cfg)
+        extra["label_downsample"] = label_pixel(meta, cfg)
         centres = index[:, :2].astype(np.float64) + side / 2
         item_index = np.arange(len(index), dtype=np.int64)
         rot = np.zeros(len(index), np.int8)
@@ -236,7 +245,7 @@ def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: in
             fill_value=0, config={"write_empty_chunks": True}, **array_codecs("blosc-lz4"),
         )
     return {"items": k, "positives": int(labels.sum()), "image_arrays": image_arrays,
-            "warnings": list(dict.fromkeys(warnings))[:20]}
+            "warnings": list(dict.fromkeys(warnings))}  # one per defect: the CLI prints each
 
 
 def write_patches(store: str, slide_path: str, name: str, array: str, start: int, stop: int) -> int:
@@ -269,6 +278,18 @@ def finish_dataset(store: str, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
+_MANIFEST_WARNINGS = 20  # per slide; every one is reported as it happens (on_event)
+
+
+def _first_warnings(warnings: list[str]) -> list[str]:
+    """The warnings a manifest keeps for a slide: the first few and how many more there were
+    (a hand-drawn nucleus file can have hundreds, each already reported)."""
+    if len(warnings) <= _MANIFEST_WARNINGS:
+        return list(warnings)
+    more = len(warnings) - _MANIFEST_WARNINGS
+    return [*warnings[:_MANIFEST_WARNINGS], f"... and {more} more warnings"]
+
+
 @dataclass
 class DatasetBuildResult:
     manifest: Path
@@ -364,7 +385,7 @@ def build_dataset(
             emit("failed", {"slide_id": sid, "error": o.error})
         else:
             done[sid] = {"items": o.plan["items"], "positives": o.plan["positives"],
-                         "warnings": o.plan.get("warnings", [])}
+                         "warnings": _first_warnings(o.plan.get("warnings", []))}
             emit("slide", {"slide_id": sid, **done[sid]})
 
     run_per_slide(client, plans, expand, finish, key=cfg.name)
