@@ -77,7 +77,8 @@ def test_mask_asap_and_geojson_labels_agree_with_an_independent_reference(cohort
     assert 0 < by_mask.labels.sum() < len(by_mask)
     np.testing.assert_array_equal(by_xml.labels, by_geo.labels)
     cfg = DatasetConfig()
-    band = cfg.label_downsample * 0.75 + 1  # a label pixel's half-diagonal, plus one px
+    ld = _tiles_of(by_xml.stores[0], "xml")[2].attrs["hpcpath_dataset"]["label_downsample"]
+    band = ld * 0.75 + 1  # a label pixel's half-diagonal, plus one px
     checked = 0
     for s, store in enumerate(by_xml.stores):
         truth = load_truth(cohort / "slides" / f"{store.stem}.svs")
@@ -115,7 +116,7 @@ def test_fraction_rule_positives_equal_an_independent_count(cohort, dask_client)
         xy, side, g = _tiles_of(store, "frac")
         tiles = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + side, xy[:, 1] + side)
         area = shapely.area(shapely.intersection(tiles, tumour)) / side**2
-        edge = tumour.boundary.buffer(cfg.label_downsample * 0.75 + 0.5)
+        edge = tumour.boundary.buffer(g.attrs["hpcpath_dataset"]["label_downsample"] * 0.75 + 0.5)
         bound = shapely.area(shapely.intersection(tiles, edge)) / side**2
         assert (np.abs(g["fraction"][:] - area) <= bound + 1e-6).all()
         labels = g["labels"][:]
