@@ -3,7 +3,8 @@
 Formats: ASAP XML and Aperio ImageScope XML (polygons, points, groups/classes), QuPath
 GeoJSON, point tables (TUPAC16 mitoses), slide-level label tables, ChestX-ray14 multi-label
 CSVs, and CAMELYON16-style mask TIFFs (:class:`MaskAnnotation`).  Coordinates are level-0
-pixels; errors are one line ``FILE: element: reason`` (:class:`AnnotationError`).
+pixels; errors (a file that cannot be parsed) and warnings (a region or row skipped or
+repaired, one per defect) are one line ``FILE: element: reason``.
 """
 
 from hpcpath.annotations._errors import AnnotationError, AnnotationWarning

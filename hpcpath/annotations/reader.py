@@ -67,9 +67,11 @@ def read_annotations(path: str | os.PathLike, *, label_map: Mapping[str, str] | 
     """Read one annotation file into an :class:`AnnotationSet` (level-0 pixels).
 
     ``label_map`` renames labels (e.g. ``{"_0": "Tumor", "_1": "Tumor", "_2": "Exclusion"}``
-    for CAMELYON16).  With ``validate`` (default) empty polygons are errors and repairable
-    self-intersections are repaired (see :meth:`AnnotationSet.validate`); class names are
-    checked later, against the class map of the task.  With ``slide_dimensions``
+    for CAMELYON16).  With ``validate`` (default) every region is made usable, one warning
+    per defect: self-intersections repaired (a ring that splits kept as a multipolygon),
+    empty, NaN or corrupt regions skipped (see :meth:`AnnotationSet.validate`); class names
+    are checked later, against the class map of the task.  Only a file that cannot be
+    parsed at all raises.  With ``slide_dimensions``
     (level-0 ``width, height``) regions are clipped to the slide, with a warning each.
     """
     p = Path(path)
