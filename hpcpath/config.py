@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpcpath.errors import ConfigError
 
@@ -238,6 +238,10 @@ class TrainConfig(_Frozen):
     augment: bool = True
     augmentation: AugmentConfig = AugmentConfig()
     mixed_precision: bool = Field(True, description="float16 compute on GPUs (never on CPU)")
+    xla: bool = Field(False, description="compile each step with XLA (jit_compile; mostly a GPU speed-up)")
+    gpu: Literal["require", "prefer", "off"] = Field(
+        "prefer", description="GPUs given but TensorFlow sees none: require = one-line error, "
+        "prefer = warning and CPU, off = CPU on purpose (hpcpath.gpu)")
     hard_negatives: str | None = Field(None, description="file from `hpcpath mine` to oversample")
     mining: MiningConfig = MiningConfig()
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint mid-epoch")
@@ -320,11 +324,21 @@ class InferConfig(_Frozen):
         0.05, gt=0, description="two-stage: smoothed haematoxylin density (rgb2hed) a candidate needs"
     )
     proposal_min_distance_um: float = Field(4.0, gt=0, description="two-stage: candidates' spacing, microns")
-    gpu: bool | None = Field(None, description="require a GPU resource per task (default: when workers have one)")
+    gpu: Literal["require", "prefer", "off"] = Field(
+        "prefer", description="require: a GPU resource per task and a GPU TensorFlow sees (else a one-line "
+        "error); prefer: GPUs when the workers have them (a warning when TensorFlow sees none); off: CPU")
+    mixed_precision: bool = Field(False, description="float16 compute on GPUs (CPU stays float32)")
+    xla: bool = Field(False, description="compile the model's forward pass with XLA")
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _gpu_bool(cls, v: Any) -> Any:
+        """``gpu: true/false`` (older configs) mean require / off."""
+        return {True: "require", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     def params_key(self, model_digest: str) -> str:
         """Digest of the model and every option that changes the outputs."""
-        content = self.model_dump(exclude={"prefetch", "gpu"})
+        content = self.model_dump(exclude={"prefetch", "gpu", "xla"})
         blob = json.dumps({"model": model_digest, **content}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -59,7 +59,11 @@ class _Report:
 @click.option("--merge", type=click.Choice(["nms", "dbscan"]), help="Merging nearby hits [nms].")
 @click.option("--radius", "radius_px", type=float, help="Merge radius, level-0 pixels [32].")
 @click.option("--score-class", help="Class whose probability is the score [the last].")
-@click.option("--gpu/--no-gpu", default=None, help="Require a GPU per task [when the workers have GPUs].")
+@click.option("--gpu", type=click.Choice(["require", "prefer", "off"]), default=None,
+              help="require: a GPU per task that TensorFlow sees, else a one-line error; prefer: GPUs when the "
+                   "workers have them, a warning when TensorFlow sees none; off: CPU [$HPCPATH_GPU, else prefer].")
+@click.option("--mixed-precision/--no-mixed-precision", default=None, help="float16 compute on GPUs [no].")
+@click.option("--xla/--no-xla", default=None, help="Compile the forward pass with XLA [no].")
 @click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides of STORES.")
 @click.option("--wait-workers", type=int, default=1, show_default=True,
               help="Start once this many workers are connected (or the cluster's worker_timeout passed).")
@@ -76,6 +80,9 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     from hpcpath.infer import infer_slides
     from hpcpath.infer.run import check_model
 
+    from hpcpath.gpu import setting_from_env
+
+    options["gpu"] = options.get("gpu") or setting_from_env()
     cfg = InferConfig.load(config_file, **options)
     check_model(model_dir, cfg)
     spec = parse_cluster_spec(cluster)

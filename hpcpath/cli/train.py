@@ -76,22 +76,36 @@ def _common(f):
 @click.option("--batch-size", type=int, default=None, help="Per rank.")
 @click.option("--hard-negatives", default=None, type=click.Path(), help="File from `hpcpath mine`.")
 @click.option("--audit", is_flag=True, default=None, help="Per-rank weight checksum and data digest per step.")
-def train(config, sets, dataset, engine, resume, out, epochs, batch_size, hard_negatives, audit):
-    """Train a model as CONFIG.yaml says (keys of hpcpath.config.TrainConfig)."""
+@click.option("--gpu", type=click.Choice(["require", "prefer", "off"]), default=None,
+              help="GPUs given but TensorFlow sees none: require = error, prefer = warn and use the "
+                   "CPU, off = CPU on purpose [$HPCPATH_GPU, else the config's gpu, else prefer].")
+@click.option("--xla/--no-xla", default=None, help="Compile the train step with XLA [the config's xla].")
+def train(config, sets, dataset, engine, resume, out, epochs, batch_size, hard_negatives, audit, gpu, xla):
+    """Train a model as CONFIG.yaml says (keys of hpcpath.config.TrainConfig).
+
+    SIGUSR1 or SIGTERM: every rank stops after the same step, a checkpoint is written and the
+    exit status is 75; --resume goes on from there (slurm/train.sbatch requeues itself)."""
     from hpcpath.config import TrainConfig
+    from hpcpath.gpu import setting_from_env
+    from hpcpath.train.preempt import STOP_EXIT
 
     cfg = TrainConfig.load(config, _overrides(sets, dataset=dataset, engine=engine, out=out,
                                               epochs=epochs, batch_size=batch_size,
-                                              hard_negatives=hard_negatives, audit=audit))
+                                              hard_negatives=hard_negatives, audit=audit,
+                                              gpu=gpu or setting_from_env(), xla=xla))
     _quiet_tensorflow()
     from hpcpath.train import train as run
 
     res = run(cfg, resume=resume)
+    if res.stopped:
+        click.echo(f"hpcpath train: stopped on a signal at step {res.global_step}, checkpoint in "
+                   f"{res.out / 'checkpoints'}; go on with --resume", err=True)
+        raise SystemExit(STOP_EXIT)
     if res.model_dir is not None:
         last = res.history[-1] if res.history else {}
         auc = last.get("val_auc")
         click.echo(f"hpcpath train: model {res.model_dir} (step {res.global_step}"
-                   + (f", val_auc {auc:.4f}" if isinstance(auc, float) else "") + ")", err=True)
+                   + (f", val_auc {auc:.4f}" if isinstance(auc, float) else "") + f", {res.device})", err=True)
 
 
 @click.command("mine")

@@ -21,11 +21,13 @@ import numpy as np
 from hpcpath.errors import HpcpathError
 from hpcpath.modelio import META_FILE, MODEL_FILE, ModelMeta
 
-__all__ = ["LoadedModel", "cached_model", "configure_tensorflow", "device_record", "model_digest"]
+__all__ = ["LoadedModel", "cached_model", "configure_tensorflow", "device_record", "model_digest",
+           "check_worker_gpu", "check_workers_gpu", "with_dtype_policy"]
 
 _LOCK = threading.Lock()
 _CACHE: dict[tuple, "LoadedModel"] = {}
 _TF_READY: list[str] | None = None
+_DEVICE: str | None = None  # what does this worker's work: "GPU <name>" or "CPU" (hpcpath.gpu)
 
 
 def configure_tensorflow() -> list[str]:
@@ -47,6 +49,56 @@ def configure_tensorflow() -> list[str]:
     return _TF_READY
 
 
+def check_worker_gpu(setting: str) -> dict[str, Any]:
+    """On a worker, before its first prediction: the ``gpu`` setting (:mod:`hpcpath.gpu`)
+    applied to what this worker was given and what TensorFlow sees.  Returns the decision
+    (action, device, message) for the driver, which fails the run in one line (``require``)
+    or prints the warning (``prefer``) once.  ``off`` hides the GPUs from TensorFlow when it
+    has not started in this process yet."""
+    global _DEVICE
+    import socket
+
+    from hpcpath.gpu import decide, gpu_facts, hide_gpus_if_off
+
+    if _TF_READY is None:
+        hide_gpus_if_off(setting)
+    configure_tensorflow()
+    d = decide(setting, gpu_facts())
+    _DEVICE = d.device
+    return {"action": d.action, "device": d.device, "message": d.message, "host": socket.gethostname()}
+
+
+def check_workers_gpu(client, setting: str) -> list[dict[str, Any]]:
+    """On the driver: :func:`check_worker_gpu` on every connected worker; a ``require``
+    failure becomes one ConfigError for the whole run (the first worker's reason), ``prefer``
+    warnings are printed once each with the number of workers they concern."""
+    import sys
+
+    from hpcpath.errors import ConfigError
+
+    workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+    futs = [client.submit(check_worker_gpu, setting, workers=[w], allow_other_workers=False,
+                          pure=False, key=f"gpu-check-{i}-{os.getpid()}-{id(client)}")
+            for i, w in enumerate(workers)]
+    results = client.gather(futs)
+    for r in results:
+        if r["action"] == "fail":
+            raise ConfigError(f"worker on {r['host']}: {r['message']}")
+    for msg in sorted({r["message"] for r in results if r["action"] == "warn"}):
+        n = sum(r["message"] == msg for r in results)
+        print(f"hpcpath: warning: {n} worker(s): {msg}", file=sys.stderr, flush=True)
+    return results
+
+
+def _device() -> str:
+    global _DEVICE
+    if _DEVICE is None:  # no check ran in this process: what TensorFlow sees
+        from hpcpath.gpu import decide, gpu_facts
+
+        _DEVICE = decide("prefer", gpu_facts()).device
+    return _DEVICE
+
+
 def device_record() -> dict[str, Any]:
     """Where this task runs: the GPU Slurm gave it, the Dask worker, host, Slurm job."""
     import socket
@@ -60,6 +112,7 @@ def device_record() -> dict[str, Any]:
     return {
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "tf_gpus": len(_TF_READY or []),
+        "device": _device() if _TF_READY is not None else "",
         "worker": worker,
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
@@ -94,10 +147,12 @@ class LoadedModel:
     _fns: dict
 
     def predict(self, inputs: dict[str, np.ndarray] | np.ndarray, batch_size: int,
-                tta: bool = False) -> np.ndarray:
+                tta: bool = False, *, xla: bool = False, mixed: bool = False) -> np.ndarray:
         """Scores for one batch (``len <= batch_size``), padded to ``batch_size`` so the
         traced function always sees one shape.  With ``tta`` the 8 dihedral transforms of
-        every input are predicted and averaged."""
+        every input are predicted and averaged.  ``xla``: the forward pass compiled with XLA;
+        ``mixed``: float16 compute (a mixed_float16 copy of the model) where TensorFlow sees a
+        GPU -- on the CPU it stays float32, where float16 is slower, not faster."""
         from hpcpath.infer.detect import DIHEDRAL, dihedral
 
         feeds = inputs if isinstance(inputs, dict) else {"main": inputs}
@@ -105,7 +160,7 @@ class LoadedModel:
         if n == 0:
             return np.zeros((0, self.n_outputs), np.float32)
         padded = {k: _pad(v, batch_size) for k, v in feeds.items()}
-        fn = self._fn(batch_size)
+        fn = self._fn(batch_size, xla, mixed and bool(_TF_READY))
         if not tta:
             return self._call(fn, padded)[:n]
         acc = np.zeros((batch_size, self.n_outputs), np.float64)
@@ -119,15 +174,35 @@ class LoadedModel:
         out = np.asarray(out, np.float32)
         return out.reshape(out.shape[0], -1)
 
-    def _fn(self, batch_size: int):
-        fn = self._fns.get(batch_size)
+    def _fn(self, batch_size: int, xla: bool = False, mixed: bool = False):
+        fn = self._fns.get((batch_size, xla, mixed))
         if fn is None:
             import tensorflow as tf
 
             model = self.model
-            fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-            self._fns[batch_size] = fn
+            if mixed:
+                model = self._fns.get("mixed") or with_dtype_policy(self.model, "mixed_float16")
+                self._fns["mixed"] = model
+            fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True, jit_compile=xla)
+            self._fns[(batch_size, xla, mixed)] = fn
         return fn
+
+
+def with_dtype_policy(model, policy: str):
+    """A copy of ``model`` whose layers compute in ``policy`` (e.g. ``mixed_float16``: float16
+    math, float32 weights), same weights.  A saved model keeps the policy it was built with,
+    so mixed-precision inference needs this copy."""
+    import keras
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if "dtype" in cfg and not isinstance(layer, keras.layers.InputLayer):
+            cfg["dtype"] = policy
+        return layer.__class__.from_config(cfg)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:

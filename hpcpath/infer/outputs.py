@@ -38,7 +38,7 @@ SUMMARY_COLUMNS = (
     "store",
 )
 TASK_COLUMNS = (
-    "slide_id", "task", "rows", "windows", "candidates", "cuda_visible_devices", "tf_gpus",
+    "slide_id", "task", "rows", "windows", "candidates", "cuda_visible_devices", "tf_gpus", "device",
     "worker", "host", "slurm_job_id", "seconds", "predict_s", "io_wait_s",
 )
 _NAMESPACE = uuid.UUID("8f0c2a4e-6b1d-4d59-9a57-3c1f5e0b7a21")

@@ -114,8 +114,8 @@ def _with_path(error: str, path: Path) -> str:
 
 
 def _wants_gpu(client, cfg: InferConfig) -> bool:
-    if cfg.gpu is not None:
-        return cfg.gpu
+    if cfg.gpu != "prefer":
+        return cfg.gpu == "require"
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
 
@@ -250,6 +250,10 @@ def infer_slides(
 
     run = f"{key}-{uuid.uuid4().hex[:8]}"  # keys unique per run: never reuse an old result
     resources = {"GPU": 1} if plans and _wants_gpu(client, cfg) else None
+    if plans:  # GPUs used, or one line why not (hpcpath.gpu)
+        from hpcpath.infer.model import check_workers_gpu
+
+        check_workers_gpu(client, cfg.gpu)
     task_fn = predict_windows if cfg.mode == "window" else detect_candidates
 
     def expand(sid: str, plan: dict) -> list:

@@ -206,7 +206,7 @@ def predict_windows(store: str, slide_path: str | None, model_dir: str, name: st
     with Prefetcher(make, cfg.prefetch) as pf:
         for keys, arrays in pf:
             t = time.perf_counter()
-            scores = lm.predict(arrays, batch, cfg.tta)
+            scores = lm.predict(arrays, batch, cfg.tta, xla=cfg.xla, mixed=cfg.mixed_precision)
             predict_s += time.perf_counter() - t
             w = windows[keys]
             out[:, w[:, 0] - r0, w[:, 1]] = scores.T
@@ -269,7 +269,7 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
     with Prefetcher(lambda: rebatch(make(), cfg.batch_size), cfg.prefetch) as pf:
         for xy, arrays in pf:
             t = time.perf_counter()
-            scores = lm.predict(arrays, cfg.batch_size, cfg.tta)
+            scores = lm.predict(arrays, cfg.batch_size, cfg.tta, xla=cfg.xla, mixed=cfg.mixed_precision)
             predict_s += time.perf_counter() - t
             found.append(np.concatenate([xy, scores[:, info["score_channel"], None]], 1))
         wait = pf.wait_s

@@ -5,6 +5,9 @@ optimizer's variables in their build order: step count, moments, learning rate, 
 and ``state.json`` (epoch, step within the epoch, global step, phase, schedule, hard
 negatives, history).  A checkpoint is written under a temporary name and renamed into place,
 then ``OUT/checkpoints/latest`` names it: a kill at any moment leaves the previous one intact.
+Every file is flushed to disk before ``COMPLETE`` (the completion marker) is written, last,
+inside the temporary folder; a folder without it is never read.  Only rank 0 calls
+:func:`save_checkpoint` (the loop checks ``engine.is_chief``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 
 from hpcpath.errors import HpcpathError
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "restore_checkpoint"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "restore_checkpoint", "is_complete", "MARKER"]
 
 
 def save_checkpoint(root: Path, model, optimizer, state: dict, keep: int = 2) -> Path:
@@ -30,12 +33,19 @@ def save_checkpoint(root: Path, model, optimizer, state: dict, keep: int = 2) ->
     model.save_weights(tmp / "model.weights.h5")
     np.savez(tmp / "optimizer.npz", *[np.asarray(v.numpy()) for v in optimizer.variables])
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_jsonable) + "\n")
+    for f in tmp.iterdir():
+        _fsync(f)
+    (tmp / MARKER).write_text(name + "\n")  # the completion marker, last
+    _fsync(tmp / MARKER)
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     ptr = root / ".latest.tmp"
     ptr.write_text(name + "\n")
+    _fsync(ptr)
     os.replace(ptr, root / "latest")
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    _fsync(root)
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and is_complete(p))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -51,12 +61,37 @@ def _jsonable(o):
     raise TypeError(type(o).__name__)
 
 
+MARKER = "COMPLETE"
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder entry to disk (a node crash must not leave a marker before the data)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / MARKER).is_file() and (ckpt / "state.json").is_file()
+
+
 def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint: the one ``latest`` names, else (pointer lost or naming
+    a removed folder) the highest complete ``step-*``; None when there is none."""
     ptr = root / "latest"
-    if not ptr.is_file():
-        return None
-    d = root / ptr.read_text().strip()
-    return d if (d / "state.json").is_file() else None
+    if ptr.is_file():
+        d = root / ptr.read_text().strip()
+        if is_complete(d):
+            return d
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and is_complete(p)), reverse=True)
+    return done[0] if done else None
 
 
 def read_state(ckpt: Path) -> dict:

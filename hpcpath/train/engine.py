@@ -23,7 +23,7 @@ import numpy as np
 
 from hpcpath.errors import ConfigError
 
-__all__ = ["Engine", "SingleEngine", "make_engine", "pin_gpu_env", "local_rank_from_env"]
+__all__ = ["Engine", "SingleEngine", "make_engine", "pin_gpu_env", "local_rank_from_env", "check_device"]
 
 
 def local_rank_from_env() -> int:
@@ -47,6 +47,20 @@ def pin_gpu_env(local_rank: int) -> str | None:
     return chosen
 
 
+def check_device(setting: str, local_rank: int) -> str:
+    """The ``gpu`` setting applied to this process (:mod:`hpcpath.gpu`) after pinning: the
+    device that will do the work, a warning (local rank 0 only: once per node) or a one-line
+    ConfigError.  ``off`` hides the GPUs first, so call it before TensorFlow starts."""
+    from hpcpath.gpu import check_gpus, decide, gpu_facts, hide_gpus_if_off
+
+    hide_gpus_if_off(setting)
+    facts = gpu_facts()
+    decision = decide(setting, facts)
+    if local_rank != 0 and decision.action == "warn":
+        return decision.device
+    return check_gpus(setting, facts, who="hpcpath train")
+
+
 class Engine:
     """One process (also the base class)."""
 
@@ -55,7 +69,12 @@ class Engine:
     size = 1
     local_rank = 0
     loss_replicas = 1
-    gpu: str | None = None
+    gpu: str | None = None  # the CUDA device id this process was pinned to
+    device: str = "CPU"  # what does the work: "GPU <name>" or "CPU" (hpcpath.gpu)
+    gpu_setting: str = "prefer"
+
+    def __init__(self, gpu_setting: str = "prefer") -> None:
+        self.gpu_setting = gpu_setting
 
     @property
     def is_chief(self) -> bool:
@@ -63,6 +82,7 @@ class Engine:
 
     def start(self) -> "Engine":
         self.gpu = pin_gpu_env(self.local_rank)
+        self.device = check_device(self.gpu_setting, self.local_rank)
         _gpu_memory_growth()
         return self
 
@@ -104,8 +124,11 @@ class Engine:
         pass
 
     def describe(self) -> str:
-        gpu = f", GPU {self.gpu}" if self.gpu is not None else ""
-        return f"{self.name} rank {self.rank}/{self.size} (local {self.local_rank}{gpu})"
+        import socket
+
+        gpu = f", CUDA device {self.gpu}" if self.gpu is not None else ""
+        return (f"{self.name} rank {self.rank}/{self.size} on {socket.gethostname()} "
+                f"(local rank {self.local_rank}{gpu}): {self.device}")
 
 
 class SingleEngine(Engine):
@@ -136,16 +159,17 @@ def _gpu_memory_growth() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
-def make_engine(name: str) -> Engine:
-    """The engine named in the config (``single``, ``horovod``, ``tf-distribute``), started."""
+def make_engine(name: str, gpu: str = "prefer") -> Engine:
+    """The engine named in the config (``single``, ``horovod``, ``tf-distribute``), started;
+    ``gpu`` is the config's ``gpu`` setting (require, prefer, off)."""
     if name == "single":
-        return SingleEngine().start()
+        return SingleEngine(gpu).start()
     if name == "horovod":
         from hpcpath.train.horovod import HorovodEngine
 
-        return HorovodEngine().start()
+        return HorovodEngine(gpu).start()
     if name == "tf-distribute":
         from hpcpath.train.tfdist import TFDistributeEngine
 
-        return TFDistributeEngine().start()
+        return TFDistributeEngine(gpu).start()
     raise ConfigError(f"engine: unknown engine {name!r}; use single, horovod or tf-distribute")

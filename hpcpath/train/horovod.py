@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from hpcpath.errors import ConfigError
-from hpcpath.train.engine import Engine, _gpu_memory_growth, local_rank_from_env, pin_gpu_env, share_cpus
+from hpcpath.train.engine import (Engine, _gpu_memory_growth, check_device, local_rank_from_env, pin_gpu_env,
+                                  share_cpus)
 
 __all__ = ["HorovodEngine"]
 
@@ -28,6 +29,7 @@ class HorovodEngine(Engine):
 
         slurm_task_env()  # srun-launched Gloo ranks: HOROVOD_* from SLURM_* (no-op otherwise)
         self.gpu = pin_gpu_env(local_rank_from_env())  # before TensorFlow sees CUDA
+        self.device = check_device(self.gpu_setting, local_rank_from_env())  # before hvd.init: no hang
         try:
             import horovod.tensorflow as hvd
         except ImportError as exc:

@@ -7,10 +7,14 @@ starts (:func:`slurm_task_env`), takes its Horovod rank from ``SLURM_PROCID`` an
 (local rank, node) from the plan the launcher computed.  Tasks are laid out block-wise
 (``--distribution=block``, Slurm's default), the order Horovod's plan uses.
 
-Environment: ``HPCPATH_RENDEZVOUS_ADDR`` (address of the batch host that the other nodes
-reach; default: 127.0.0.1 on one node, else this host's resolved address) and
-``HPCPATH_GLOO_IFACE`` (network interface for Gloo; default: lo on one node, else the
-interface holding that address).
+The rendezvous address that the other nodes dial is the batch node's *contact address*
+(:func:`hpcpath.cluster.allocation.contact_address`, shared with the Dask allocation): the
+address of the interface named by ``HPCPATH_INTERFACE`` (e.g. ib0), else the address Slurm
+has for the node (``NodeAddr``), never ``gethostbyname(gethostname())`` alone (127.0.1.1 on a
+default Debian host, or nothing where names do not resolve).  A failure is one line.
+Overrides: ``HPCPATH_RENDEZVOUS_ADDR`` (the address) and ``HPCPATH_GLOO_IFACE`` (Gloo's
+interface; default: lo on one node, else the interface holding the address).
+:func:`node_addresses` gives tf.distribute's workers the same kind of addresses.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import socket
 import subprocess
 import sys
 
-__all__ = ["slurm_task_env", "main"]
+__all__ = ["slurm_task_env", "node_addresses", "main"]
 
 PLAN_ENV = "HPCPATH_HOROVOD_PLAN"
 
@@ -50,6 +54,19 @@ def _tasks_per_node(n_hosts: int) -> list[int]:
         total = int(os.environ.get("SLURM_NTASKS", n_hosts))
         counts = [total // n_hosts + (i < total % n_hosts) for i in range(n_hosts)]
     return counts
+
+
+def node_addresses(hosts: list[str]) -> dict[str, str]:
+    """The address every node of the job is dialled at: ``NodeAddr`` from Slurm, checked by
+    :func:`hpcpath.cluster.allocation.choose_address` (no loopback across nodes)."""
+    from hpcpath.cluster.allocation import _is_ip, _resolve, _slurm_node_addr, choose_address
+
+    out = {}
+    for h in hosts:
+        node_addr = _slurm_node_addr(h) or h
+        resolved = [] if _is_ip(node_addr) else _resolve(node_addr)
+        out[h] = choose_address(None, {}, node_addr, resolved, multi_node=len(hosts) > 1, node=h)
+    return out
 
 
 def _iface_for(addr: str) -> str:
@@ -98,9 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(counts)
     plan = get_host_assignments(parse_hosts(",".join(f"{h}:{c}" for h, c in zip(hosts, counts))), n)
     single = len(hosts) == 1
-    addr = os.environ.get("HPCPATH_RENDEZVOUS_ADDR") or (
-        "127.0.0.1" if single else socket.gethostbyname(socket.gethostname()))
-    iface = os.environ.get("HPCPATH_GLOO_IFACE") or ("lo" if single else _iface_for(addr))
+    from hpcpath.cluster.allocation import contact_address
+    from hpcpath.errors import HpcpathError
+
+    try:
+        addr = os.environ.get("HPCPATH_RENDEZVOUS_ADDR") or (
+            "127.0.0.1" if single else contact_address(multi_node=True))
+    except HpcpathError as exc:
+        print(f"hpcpath.train.launch: error: rendezvous address: {exc}", file=sys.stderr)
+        return 2
+    iface = os.environ.get("HPCPATH_GLOO_IFACE") or ("lo" if single else
+                                                     os.environ.get("HPCPATH_INTERFACE") or _iface_for(addr))
     server = RendezvousServer()
     port = server.start()
     server.init(plan)

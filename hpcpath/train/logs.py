@@ -3,6 +3,12 @@ atomically), TensorBoard event files under ``tensorboard/`` and a one-line summa
 on stderr.  Per-rank audit logs (``audit/rank-<r>.jsonl``: weight checksum and data digest
 after every step) are written by every rank when ``audit`` is on, to check that ranks stay
 in sync and read different data.
+
+Always, whatever ``audit`` says: ``ranks.json`` (every rank's host, local rank, CUDA device
+and the device that did the work: a GPU's name or CPU) and ``ranks-sync.jsonl`` (one line
+per epoch: every rank's checksum of all model weights after the epoch), written by rank 0
+from values gathered from every rank; each rank also prints its own line of both to stderr,
+so a job log shows hostnames and ranks.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import hashlib
 import io
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
-__all__ = ["RunLog", "AuditLog", "weights_checksum"]
+__all__ = ["RunLog", "AuditLog", "weights_checksum", "gather_json", "ranks_record", "rank_sync"]
 
 
 class RunLog:
@@ -96,3 +103,55 @@ class AuditLog:
     def close(self) -> None:
         if self.enabled:
             self._f.close()
+
+
+def gather_json(engine, obj) -> list:
+    """Every rank's JSON-able ``obj``, in rank order, on every rank (two sums and a gather)."""
+    import numpy as np
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    counts = np.zeros(engine.size, np.int64)
+    counts[engine.rank] = len(raw)
+    counts = engine.allreduce_sum(counts).astype(np.int64)
+    flat = engine.allgather(raw).astype(np.uint8).tobytes()
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [json.loads(flat[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def ranks_record(engine, out: Path) -> list[dict]:
+    """Who is who: gathered from every rank; rank 0 writes ``ranks.json``."""
+    me = {"rank": engine.rank, "size": engine.size, "host": socket.gethostname(),
+          "local_rank": engine.local_rank, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+          "device": engine.device, "engine": engine.name, "pid": os.getpid(),
+          "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+          "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+    print(f"hpcpath train: {engine.describe()}", file=sys.stderr, flush=True)
+    ranks = gather_json(engine, me)
+    if engine.is_chief:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".ranks.json.tmp"
+        tmp.write_text(json.dumps(ranks, indent=1) + "\n")
+        os.replace(tmp, out / "ranks.json")
+    return ranks
+
+
+def rank_sync(engine, epoch: int, step: int, checksum: str, out: Path) -> list[str]:
+    """Every rank's weight checksum after ``epoch`` (rank order); rank 0 appends them to
+    ``ranks-sync.jsonl`` and warns when they differ."""
+    print(f"hpcpath train: epoch {epoch} step {step} rank {engine.rank}/{engine.size} on "
+          f"{socket.gethostname()} (local rank {engine.local_rank}): weights {checksum}",
+          file=sys.stderr, flush=True)
+    sums = gather_json(engine, checksum)
+    if engine.is_chief:
+        _append_line(out / "ranks-sync.jsonl", {"epoch": epoch, "step": step, "checksums": sums})
+        if len(set(sums)) != 1:
+            print(f"hpcpath train: warning: ranks' weights differ after epoch {epoch}: {sums}",
+                  file=sys.stderr, flush=True)
+    return sums

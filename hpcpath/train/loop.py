@@ -25,10 +25,13 @@ from hpcpath.errors import ConfigError, HpcpathError
 from hpcpath.train.checkpoint import latest_checkpoint, read_state, restore_checkpoint, save_checkpoint
 from hpcpath.train.data import TrainData, epoch_items, open_train_data, rank_batches, subset, tf_batches
 from hpcpath.train.engine import Engine, make_engine
-from hpcpath.train.logs import AuditLog, RunLog, weights_checksum
+from hpcpath.train.logs import AuditLog, RunLog, rank_sync, ranks_record, weights_checksum
 from hpcpath.train.metrics import epoch_metrics
+from hpcpath.train.preempt import StopSignal
 
 __all__ = ["train", "TrainResult", "make_steps", "preflight", "LRSchedule"]
+
+STOP_CHECK_STEPS = 10  # ranks agree on a stop signal every this many steps (and at epoch ends)
 
 
 @dataclass
@@ -39,12 +42,17 @@ class TrainResult:
     global_step: int
     metrics: dict = field(default_factory=dict)
     resumed_from: int | None = None
+    stopped: bool = False  # stopped on SIGUSR1/SIGTERM with a checkpoint; --resume goes on
+    device: str = "CPU"
 
 
 # ------------------------------------------------------------------ the one step shape
-def make_steps(model, optimizer, engine: Engine, mixed: bool = False):
+def make_steps(model, optimizer, engine: Engine, mixed: bool = False, xla: bool = False):
     """``(train_step, eval_step)`` as tf.functions.  ``train_step(x, y)`` returns this
-    rank's mean loss; ``eval_step(x, y)`` returns per-example losses and probabilities."""
+    rank's mean loss; ``eval_step(x, y)`` returns per-example losses and probabilities.
+    ``xla``: the forward and backward pass (and evaluation) are compiled with XLA; the
+    gradient allreduce and the optimizer update stay outside (Horovod's and tf.distribute's
+    collectives are not XLA ops)."""
     import tensorflow as tf
 
     def per_example_loss(y, p):
@@ -52,7 +60,7 @@ def make_steps(model, optimizer, engine: Engine, mixed: bool = False):
         bce = -(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p))
         return tf.reduce_mean(bce, axis=-1)
 
-    def step(x, y):
+    def gradients(x, y):
         with tf.GradientTape() as tape:
             p = model(x, training=True)
             mean = tf.reduce_mean(per_example_loss(y, p))
@@ -60,7 +68,13 @@ def make_steps(model, optimizer, engine: Engine, mixed: bool = False):
             if model.losses:
                 loss += tf.add_n(model.losses) / engine.loss_replicas
             scaled = optimizer.scale_loss(loss) if mixed else loss
-        grads = tape.gradient(scaled, model.trainable_variables)
+        return mean, tape.gradient(scaled, model.trainable_variables)
+
+    if xla:
+        gradients = tf.function(gradients, jit_compile=True, reduce_retracing=True)
+
+    def step(x, y):
+        mean, grads = gradients(x, y)
         grads = engine.reduce_gradients(grads)
         optimizer.apply(grads, model.trainable_variables)
         return mean
@@ -68,6 +82,9 @@ def make_steps(model, optimizer, engine: Engine, mixed: bool = False):
     def evaluate(x, y):
         p = model(x, training=False)
         return per_example_loss(y, p), tf.cast(p, tf.float32)
+
+    if xla:
+        evaluate = tf.function(evaluate, jit_compile=True, reduce_retracing=True)
 
     train_step = tf.function(lambda x, y: engine.run(step, x, y), reduce_retracing=True)
     eval_step = tf.function(lambda x, y: engine.run(evaluate, x, y), reduce_retracing=True)
@@ -151,7 +168,7 @@ def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainRe
     calls this.  Returns the history on every rank; files are written by rank 0."""
     preflight(cfg)
     data = open_train_data(cfg)
-    engine = engine or make_engine(cfg.engine)
+    engine = engine or make_engine(cfg.engine, cfg.gpu)
     from hpcpath.train.mining import hard_negative_indices, load_hard_negatives
 
     import keras
@@ -163,7 +180,8 @@ def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainRe
     if engine.is_chief:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
-    mixed = bool(cfg.mixed_precision and tf.config.list_physical_devices("GPU"))
+    ranks = ranks_record(engine, out)  # every rank's host, local rank, GPU and device: ranks.json
+    mixed = bool(cfg.mixed_precision and engine.device.startswith("GPU"))
     if mixed:
         keras.mixed_precision.set_global_policy("mixed_float16")
     keras.utils.set_random_seed(cfg.seed)
@@ -195,6 +213,7 @@ def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainRe
     phase, optimizer, steps_fns = None, None, None
     global_step = int(state["global_step"])
     metrics: dict = {}
+    stop, stopped = StopSignal(), False
     if ckpt is not None and int(state["epoch"]) >= cfg.epochs:  # nothing left: the final weights
         restore_checkpoint(ckpt, model)
         metrics = {k: v for k, v in (state["history"] or [{}])[-1].items() if k.startswith("val_")}
@@ -212,7 +231,7 @@ def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainRe
             # rank 0's weights and optimizer state everywhere: at start and after resume
             engine.broadcast(model.variables)
             engine.broadcast(optimizer.variables)
-            steps_fns = make_steps(model, optimizer, engine, mixed)
+            steps_fns = make_steps(model, optimizer, engine, mixed, cfg.xla)
         train_step, eval_step = steps_fns
 
         idx = epoch_items(data.train.labels, cfg.balance, cfg.seed, epoch, hard, cfg.mining.oversample)
@@ -244,12 +263,19 @@ def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainRe
                 audit.write(step=global_step, epoch=epoch, loss=float(losses[-1]),
                             weights=weights_checksum(model.trainable_variables),
                             data=digests.popleft(), gpu=engine.gpu, lr=lr)
-            if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0 \
+            if i + 1 < steps and (global_step % STOP_CHECK_STEPS == 0) and stop.agreed(engine):
+                stopped = True  # every rank stops after this same step
+            if (stopped or cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0) \
                     and i + 1 < steps and engine.is_chief:
                 save_checkpoint(ckroot, model, optimizer, _state(
                     epoch, i + 1, global_step, phase, schedule, hard, log.rows), cfg.keep_checkpoints)
+            if stopped:
+                break
+        if stopped:
+            break
         seconds = time.perf_counter() - t0
         engine.average_variables(model.non_trainable_variables)
+        sums = rank_sync(engine, epoch, global_step, weights_checksum(model.weights), out)
         local_loss = float(np.mean([float(v) for v in losses])) if losses else float("nan")
         train_loss = float(engine.allreduce_mean(local_loss))
         n_done = (steps - skip) * cfg.batch_size * engine.size
@@ -260,6 +286,7 @@ def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainRe
         row["samples_per_s"] = n_done / seconds if seconds > 0 else float("nan")
         row["input_wait_s"] = float(engine.allreduce_mean(wait_s))
         row["seconds"] = seconds
+        row["weights_checksum"], row["ranks_in_sync"] = sums[0], int(len(set(sums)) == 1)
         schedule.end_epoch(row.get("val_loss", train_loss))
         if cfg.mining.enabled and epoch + 1 >= cfg.mining.start_epoch and \
                 (epoch + 1 - cfg.mining.start_epoch) % cfg.mining.every == 0 and epoch + 1 < cfg.epochs:
@@ -270,12 +297,17 @@ def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainRe
             save_checkpoint(ckroot, model, optimizer, _state(epoch + 1, 0, global_step, phase,
                                                              schedule, hard, log.rows),
                             cfg.keep_checkpoints)
+        if epoch + 1 < cfg.epochs and stop.agreed(engine):
+            stopped = True
+            break
+    stop.restore()
     audit.close()
     model_dir = None
-    if engine.is_chief:
-        model_dir = _save_final(model, data, cfg, out, metrics)
+    if engine.is_chief and not stopped:
+        model_dir = _save_final(model, data, cfg, out, metrics, ranks)
     return TrainResult(out, model_dir, log.rows, global_step, metrics,
-                       resumed_from=int(state["global_step"]) if resume else None)
+                       resumed_from=int(state["global_step"]) if resume else None,
+                       stopped=stopped, device=engine.device)
 
 
 def _state(epoch, step_in_epoch, global_step, phase, schedule, hard, history) -> dict:
@@ -304,7 +336,7 @@ def _validate(data: TrainData, cfg, engine: Engine, eval_step) -> dict:
     return out
 
 
-def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict) -> Path:
+def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict, ranks: list[dict]) -> Path:
     from hpcpath.modelio import ModelMeta, save_model
     from hpcpath.train.models import input_names
 
@@ -327,7 +359,9 @@ def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict) -> Path:
         inputs=tuple(input_names(data.context_names if multiscale else ())),
         architecture=cfg.model.architecture,
         extra={"dataset": str(cfg.dataset), "metrics": {k: v for k, v in metrics.items()
-                                                        if isinstance(v, float) and np.isfinite(v)}},
+                                                        if isinstance(v, float) and np.isfinite(v)},
+               "trained_on": {"ranks": len(ranks), "hosts": sorted({r["host"] for r in ranks}),
+                              "devices": sorted({r["device"] for r in ranks})}},
     )
     return save_model(model, out / "model", meta)
 

@@ -1,8 +1,8 @@
 """The tf.distribute engine: ``MultiWorkerMirroredStrategy`` for sites without Horovod.
 
-Under ``srun`` the group comes from ``SlurmClusterResolver``, told the GPU layout so it never
-calls nvidia-smi (fake or absent GPUs: ``gpus_per_node`` >= tasks per node and
-``auto_set_gpu=False``; this engine pins the GPU itself, by local rank, like Horovod).
+Under ``srun`` the group is the job's tasks laid out as ``SlurmClusterResolver`` would, but
+at the addresses Slurm has for the nodes (:func:`slurm_resolver`; no nvidia-smi call; this
+engine pins the GPU itself, by local rank, like Horovod).
 Elsewhere ``TF_CONFIG`` (or nothing: one worker).  Keras 3 ``model.fit`` fails under this
 strategy (GUIDE section 2), so the shared custom step runs through ``strategy.run``; the
 optimizer sums gradients across replicas, hence ``loss_replicas`` = number of replicas.
@@ -15,9 +15,10 @@ import os
 import numpy as np
 
 from hpcpath.errors import ConfigError
-from hpcpath.train.engine import Engine, _gpu_memory_growth, local_rank_from_env, pin_gpu_env, share_cpus
+from hpcpath.train.engine import (Engine, _gpu_memory_growth, check_device, local_rank_from_env, pin_gpu_env,
+                                  share_cpus)
 
-__all__ = ["TFDistributeEngine", "slurm_resolver"]
+__all__ = ["TFDistributeEngine", "slurm_resolver", "worker_addresses"]
 
 
 def _slurm_tasks() -> int:
@@ -27,19 +28,33 @@ def _slurm_tasks() -> int:
     return 1
 
 
+def worker_addresses(hosts: list[str], counts: list[int], addrs: dict[str, str], base: int) -> list[str]:
+    """``ADDR:PORT`` of every task in ``SLURM_PROCID`` order (block layout, as
+    SlurmClusterResolver numbers them): the k-th task of a node listens on ``base + k``.
+
+    >>> worker_addresses(["n1", "n2"], [2, 2], {"n1": "10.0.0.1", "n2": "10.0.0.2"}, 21000)
+    ['10.0.0.1:21000', '10.0.0.1:21001', '10.0.0.2:21000', '10.0.0.2:21001']
+    """
+    return [f"{addrs[h]}:{base + k}" for h, n in zip(hosts, counts) for k in range(n)]
+
+
 def slurm_resolver():
-    """A SlurmClusterResolver that never runs nvidia-smi; ports derived from the job id so
-    concurrent jobs on one node do not collide (``HPCPATH_TF_PORT_BASE`` to override)."""
+    """The job's workers at the addresses other nodes dial (Slurm's ``NodeAddr`` of each
+    node, checked: :func:`hpcpath.train.launch.node_addresses`) -- SlurmClusterResolver would
+    use bare host names -- with ports derived from the job id so concurrent jobs on one node
+    do not collide (``HPCPATH_TF_PORT_BASE`` to override).  Never runs nvidia-smi."""
     import tensorflow as tf
 
-    SlurmClusterResolver = tf.distribute.cluster_resolver.SlurmClusterResolver
+    from hpcpath.train.launch import _hostnames, _tasks_per_node, node_addresses
 
-    tasks_per_node = int(os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get(
-        "SLURM_NTASKS_PER_NODE", "1")).split("(")[0].split(",")[0] or 1)
+    hosts = _hostnames()
+    counts = _tasks_per_node(len(hosts))
     job = int(os.environ.get("SLURM_JOB_ID", "0") or 0)
     base = int(os.environ.get("HPCPATH_TF_PORT_BASE", 20000 + (job * 37) % 20000))
-    return SlurmClusterResolver(port_base=base, gpus_per_node=max(1, tasks_per_node),
-                                gpus_per_task=1, tasks_per_node=None, auto_set_gpu=False)
+    workers = worker_addresses(hosts, counts, node_addresses(hosts), base)
+    spec = tf.train.ClusterSpec({"worker": workers})
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        spec, task_type="worker", task_id=int(os.environ["SLURM_PROCID"]), rpc_layer="grpc")
 
 
 class TFDistributeEngine(Engine):
@@ -47,6 +62,7 @@ class TFDistributeEngine(Engine):
 
     def start(self) -> "TFDistributeEngine":
         self.gpu = pin_gpu_env(local_rank_from_env())
+        self.device = check_device(self.gpu_setting, local_rank_from_env())
         import tensorflow as tf
 
         local_size = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
