@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from hpcpath.cluster.monitor import RunProgress, task_key
 from hpcpath.errors import HpcpathError
 
-__all__ = ["Outcome", "run_per_slide", "one_line"]
+__all__ = ["Outcome", "run_per_slide", "one_line", "task_key"]
 
 
 def one_line(exc: BaseException) -> str:
@@ -44,6 +45,7 @@ def run_per_slide(
     expand: Callable[[str, dict], list[tuple[Any, str]]],
     finish: Callable[[str, Outcome], None],
     *,
+    stage: str,
     key: str = "",
     on_task: Callable[[str, str, int], None] | None = None,
 ) -> None:
@@ -51,45 +53,56 @@ def run_per_slide(
 
     A plan returning ``{"error": msg}`` (a user problem reported as a value, so workers log
     no traceback) or raising fails that slide; so does any follow-up task that raises.
+    ``stage`` names the plan tasks (``<stage>-plan``) and the run on hpcpath's dashboard page.
     """
     from distributed import as_completed
 
-    ac = as_completed()
-    owner: dict[Any, tuple[str, str]] = {}
-    outcomes: dict[str, Outcome] = {}
-    for sid, (fn, args) in plans.items():
-        fut = client.submit(fn, *args, key=f"plan-{sid}-{key}", pure=False)
-        owner[fut] = (sid, "plan")
-        outcomes[sid] = Outcome()
-        ac.add(fut)
+    progress = RunProgress(client, stage, key, len(plans))
+    done = finish
 
-    for fut in ac:
-        sid, kind = owner.pop(fut)
-        out = outcomes[sid]
-        if kind == "plan":
-            try:
-                plan = fut.result()
-                if "error" in plan:
-                    raise HpcpathError(plan["error"])
-            except Exception as exc:  # noqa: BLE001 - per-slide failure, the run goes on
-                out.error = one_line(exc)
+    def finish(sid: str, out: Outcome) -> None:
+        done(sid, out)
+        progress.slide(sid, out.error)
+
+    try:
+        ac = as_completed()
+        owner: dict[Any, tuple[str, str]] = {}
+        outcomes: dict[str, Outcome] = {}
+        for sid, (fn, args) in plans.items():
+            fut = client.submit(fn, *args, key=task_key(f"{stage}-plan", sid, key), pure=False)
+            owner[fut] = (sid, "plan")
+            outcomes[sid] = Outcome()
+            ac.add(fut)
+
+        for fut in ac:
+            sid, kind = owner.pop(fut)
+            out = outcomes[sid]
+            if kind == "plan":
+                try:
+                    plan = fut.result()
+                    if "error" in plan:
+                        raise HpcpathError(plan["error"])
+                except Exception as exc:  # noqa: BLE001 - per-slide failure, the run goes on
+                    out.error = one_line(exc)
+                    out.seconds = time.perf_counter() - out.t0
+                    finish(sid, out)
+                    continue
+                out.plan = plan
+                for f, k in expand(sid, plan):
+                    owner[f] = (sid, k)
+                    ac.add(f)
+                    out.pending += 1
+            else:
+                out.pending -= 1
+                try:
+                    n = fut.result()
+                    out.sums[kind] = out.sums.get(kind, 0) + int(n)
+                    if on_task:
+                        on_task(sid, kind, int(n))
+                except Exception as exc:  # noqa: BLE001
+                    out.error = out.error or one_line(exc)
+            if out.plan is not None and out.pending == 0:
                 out.seconds = time.perf_counter() - out.t0
                 finish(sid, out)
-                continue
-            out.plan = plan
-            for f, k in expand(sid, plan):
-                owner[f] = (sid, k)
-                ac.add(f)
-                out.pending += 1
-        else:
-            out.pending -= 1
-            try:
-                n = fut.result()
-                out.sums[kind] = out.sums.get(kind, 0) + int(n)
-                if on_task:
-                    on_task(sid, kind, int(n))
-            except Exception as exc:  # noqa: BLE001
-                out.error = out.error or one_line(exc)
-        if out.plan is not None and out.pending == 0:
-            out.seconds = time.perf_counter() - out.t0
-            finish(sid, out)
+    finally:
+        progress.close()

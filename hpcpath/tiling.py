@@ -33,7 +33,7 @@ from hpcpath.errors import HpcpathError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
-from hpcpath.stage import one_line, run_per_slide
+from hpcpath.stage import one_line, run_per_slide, task_key
 from hpcpath.store import INDEX_COLUMNS, check_output_dir, is_complete, mark_complete, ngff_multiscales, remove_store, store_path
 from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
@@ -424,7 +424,7 @@ def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: st
     """Tile-writing and pyramid tasks for one planned slide, as (future, kind) pairs."""
     sid, store = plan["slide_id"], plan["store"]
     futures = [
-        (client.submit(write_tiles, str(path), store, cfg, a, b, key=f"tiles-{sid}-{a}-{key}",
+        (client.submit(write_tiles, str(path), store, cfg, a, b, key=task_key("tile", sid, a, key),
                        pure=False, retries=2), "tiles")
         for a, b in task_ranges(plan["n_tiles"], cfg.tiles_per_task)
     ]
@@ -432,12 +432,12 @@ def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: st
         h0 = plan["pyramid"][0][0]
         prev = [
             client.submit(write_pyramid_base, str(path), store, cfg, r, min(h0, r + _PYRAMID_CHUNK),
-                          key=f"pyramid0-{sid}-{r}-{key}", pure=False, retries=2)
+                          key=task_key("pyramid-base", sid, r, key), pure=False, retries=2)
             for r in range(0, h0, _PYRAMID_CHUNK)
         ]
         if len(plan["pyramid"]) > 1:  # upper levels wait for every band of the base
             prev = [client.submit(write_pyramid_levels, store, *prev,
-                                  key=f"pyramid-{sid}-{key}", pure=False, retries=2)]
+                                  key=task_key("pyramid", sid, key), pure=False, retries=2)]
         futures += [(f, "pyramid") for f in prev]
     return futures
 
@@ -514,5 +514,5 @@ def tile_slides(
         if kind == "tiles":
             emit("tiles", {"slide_id": sid, "n": n})
 
-    run_per_slide(client, plans, expand, finish, key=key, on_task=on_task)
+    run_per_slide(client, plans, expand, finish, stage="tile", key=key, on_task=on_task)
     return RunResult(out, records, manifest.path)

@@ -408,9 +408,9 @@ def test_scancel_of_a_worker_job_mid_run_still_gives_identical_outputs(local_slu
         deadline = time.monotonic() + 180
         while killed is None and th.is_alive() and time.monotonic() < deadline:
             for addr, keys in client.processing().items():
-                running = [str(k) for k in keys if str(k).startswith("infer-slide")]
+                running = [str(k) for k in keys if str(k).startswith("predict-slide")]
                 if running and addr in jobs:
-                    killed, victim = jobs[addr], running[0]  # infer-<slide>-<task>-<run>
+                    killed, victim = jobs[addr], running[0]  # predict-<slide>/<task>/<run>
                     subprocess.run(["scancel", killed], check=True, timeout=30)
                     break
             time.sleep(0.05)
@@ -421,7 +421,7 @@ def test_scancel_of_a_worker_job_mid_run_still_gives_identical_outputs(local_slu
     assert res.ok, [(r["slide_id"], r.get("error")) for r in res.failed]
     tasks = list(csv.DictReader(open(tmp_path / "out" / "tasks.csv")))
     survivor = next(j for j in jobs.values() if j != killed)
-    sid, k = victim.split("-")[1:3]
+    sid, k = victim.split("-", 1)[1].split("/")[:2]
     (redone,) = [t for t in tasks if t["slide_id"] == sid and t["task"] == k]
     assert redone["slurm_job_id"] == survivor  # the interrupted task ran again elsewhere
     assert all(t["cuda_visible_devices"] in ("0", "1") for t in tasks)

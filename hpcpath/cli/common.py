@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 def cluster_options(f):
@@ -19,3 +27,24 @@ def cluster_options(f):
 
 def echo_err(message: str) -> None:
     click.echo(message, err=True)
+
+
+@contextmanager
+def dask_session(cluster: object, workers: int | None,
+                 out_dir: str | Path | None = None) -> Iterator[Client]:
+    """The Dask client a command runs on: the cluster started (or joined), hpcpath's page
+    added to its dashboard, the dashboard link (and the ssh tunnel to it) printed, and the
+    workers' own output sent to ``OUT/hpcpath-logs/`` rather than the terminal."""
+    from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
+    from hpcpath.cluster.monitor import (LOG_FOLDER, dashboard_lines, install_dashboard_page,
+                                         install_worker_log)
+    from hpcpath.cluster.spec import SlurmSpec
+
+    spec = parse_cluster_spec(cluster)
+    with cluster_client(spec, n_workers_override=workers) as client:
+        if out_dir is not None:
+            install_worker_log(client, Path(out_dir) / LOG_FOLDER)
+        install_dashboard_page(client)
+        for line in dashboard_lines(dashboard_link(client), on_cluster=isinstance(spec, SlurmSpec)):
+            echo_err(f"hpcpath: {line}")
+        yield client

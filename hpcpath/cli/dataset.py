@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
-from hpcpath.cli.common import cluster_options
+from hpcpath.cli.common import cluster_options, dask_session
 
 
 @click.group()
@@ -39,7 +40,6 @@ def dataset():
 def build(stores, annotations, out, config_file, name, rule, classes, labels, exclude, centre_fraction,
           context, jitter_px, rotations, negatives_per_slide, slide_dirs, seed, cluster, workers):
     """Label every tile (or point-centred patch) of the STORES and write a dataset manifest."""
-    from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
     from hpcpath.config import DatasetConfig
     from hpcpath.dataset import build_dataset
 
@@ -66,8 +66,7 @@ def build(stores, annotations, out, config_file, name, rule, classes, labels, ex
         elif kind == "warning":
             click.echo(f"hpcpath: warning: {info['warning']}", err=True)
 
-    with cluster_client(parse_cluster_spec(cluster), n_workers_override=workers) as client:
-        click.echo(f"hpcpath: dashboard {dashboard_link(client)}", err=True)
+    with dask_session(cluster, workers, Path(out).parent) as client:
         res = build_dataset(list(stores), list(annotations), out, cfg, slide_dirs=list(slide_dirs),
                             client=client, on_event=report)
     click.echo(f"hpcpath: dataset {res.manifest}: {len(res.slides)} slides, {len(res.failed)} failed", err=True)
@@ -87,10 +86,9 @@ def build(stores, annotations, out, config_file, name, rule, classes, labels, ex
 @cluster_options
 def images(csv, image_dir, out, name, size, classes, seed, cluster, workers):
     """An image folder + multi-label CSV as a dataset, split by patient."""
-    from hpcpath.cluster import cluster_client, parse_cluster_spec
     from hpcpath.dataset import build_image_dataset
 
-    with cluster_client(parse_cluster_spec(cluster), n_workers_override=workers) as client:
+    with dask_session(cluster, workers, out) as client:
         path = build_image_dataset(csv, image_dir, out, name=name, classes=classes or None,
                                    size=size, seed=seed, client=client)
     _print_info(path)

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from hpcpath.cli.common import cluster_options
+from hpcpath.cli.common import cluster_options, dask_session
 
 
 class _Report:
@@ -75,7 +75,7 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     Complete slides are skipped on a rerun.  Exit status: 0 when every slide finished, 1 when
     any failed, 2 on usage errors (bad options, model folder, config, output).
     """
-    from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
+    from hpcpath.cluster import parse_cluster_spec
     from hpcpath.config import InferConfig
     from hpcpath.infer import infer_slides
     from hpcpath.infer.run import check_model
@@ -86,8 +86,7 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     cfg = InferConfig.load(config_file, **options)
     check_model(model_dir, cfg)
     spec = parse_cluster_spec(cluster)
-    with cluster_client(spec, n_workers_override=workers) as client:
-        click.echo(f"hpcpath: dashboard {dashboard_link(client)}", err=True)
+    with dask_session(spec, workers, out_dir) as client:
         if wait_workers > 1:
             try:
                 client.wait_for_workers(wait_workers, timeout=getattr(spec, "worker_timeout", 60))

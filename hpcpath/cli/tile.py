@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from hpcpath.cli.common import cluster_options
+from hpcpath.cli.common import cluster_options, dask_session
 
 
 @click.command()
@@ -35,14 +35,11 @@ def tile(inputs, out_dir, config_file, allow_empty, cluster, workers, **options)
     every slide was tiled, 1 when any slide failed (or had nothing to tile), 2 on usage errors.
     """
     from hpcpath.cli.progress import Progress
-    from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
     from hpcpath.config import TileConfig
     from hpcpath.tiling import tile_slides
 
     cfg = TileConfig.load(config_file, **options)
-    spec = parse_cluster_spec(cluster)
-    with cluster_client(spec, n_workers_override=workers) as client:
-        click.echo(f"hpcpath: dashboard {dashboard_link(client)}", err=True)
+    with dask_session(cluster, workers, out_dir) as client:
         progress = Progress()
         try:
             result = tile_slides(list(inputs), out_dir, cfg, client=client, on_event=progress)

@@ -66,8 +66,14 @@ def cluster_client(
     with ExitStack() as stack:
         if not verbose:
             stack.enter_context(_quiet_logs("distributed", "dask_jobqueue"))
+            # The dashboard's web server runs in this process for local and Slurm clusters; a
+            # browser tab closed mid-handshake must not print a traceback into the run.
+            stack.enter_context(_quiet_logs("tornado.application", "bokeh", level=logging.CRITICAL))
         cluster: Cluster | None = None
         target: str = spec.backend
+        if not verbose:  # unwound after the cluster closed: see _quiet_shutdown
+            nanny = logging.getLogger("distributed.nanny")
+            stack.callback(nanny.setLevel, nanny.level)
         if isinstance(spec, LocalSpec):
             cluster = stack.enter_context(local_cluster(spec, n_workers_override))
         elif isinstance(spec, SlurmSpec):
@@ -78,6 +84,8 @@ def cluster_client(
                 logger.warning(
                     "ignoring n_workers_override=%d: cannot scale %s", n_workers_override, target
                 )
+        if cluster is not None and not verbose:
+            stack.callback(_quiet_shutdown)
         try:
             if cluster is not None:
                 client = stack.enter_context(Client(cluster))
@@ -96,18 +104,24 @@ def cluster_client(
 
 
 @contextmanager
-def _quiet_logs(*names: str) -> Iterator[None]:
-    """Raise these loggers to WARNING for the duration (never lower them)."""
+def _quiet_logs(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise these loggers to ``level`` for the duration (never lower them)."""
     loggers = [logging.getLogger(name) for name in names]
     old = [lg.level for lg in loggers]
     try:
         for lg in loggers:
-            if lg.getEffectiveLevel() < logging.WARNING:
-                lg.setLevel(logging.WARNING)
+            if lg.getEffectiveLevel() < level:
+                lg.setLevel(level)
         yield
     finally:
         for lg, level in zip(loggers, old, strict=True):
             lg.setLevel(level)
+
+
+def _quiet_shutdown() -> None:
+    """While the cluster closes, a worker slow to exit (TensorFlow's threads) is killed by its
+    nanny with a warning that says nothing to the user; during the run such warnings stay."""
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
 
 
 def _wait_for_worker(client: Client, cluster: Cluster | None, spec: ClusterSpec) -> None:
@@ -137,14 +151,16 @@ def dashboard_link(client: Client) -> str:
     """The dashboard URL of ``client``'s scheduler, or "" when it serves none.
 
     A dashboard bound to one address (the default ``127.0.0.1:0``) is reported on that
-    address, which is where it answers (on a login node: through ``ssh -L``).
+    address, which is where it answers (on a login node: through ``ssh -L``).  Distributed's
+    ``distributed.dashboard.link`` template is honoured, e.g.
+    ``{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/status`` for jupyter-server-proxy.
     """
     try:
         link = str(client.dashboard_link or "")
     except (KeyError, AttributeError):
         return ""
     host = _DASHBOARD_HOSTS.get(client)
-    if link and host:
+    if link and host and urlsplit(link).hostname:  # not a host-less template (JupyterHub)
         parts = urlsplit(link)
         netloc = f"[{host}]" if ":" in host else host
         if parts.port is not None:

@@ -27,7 +27,7 @@ import numpy as np
 from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import DatasetConfig
 from hpcpath.errors import HpcpathError, OutputError
-from hpcpath.stage import run_per_slide
+from hpcpath.stage import run_per_slide, task_key
 from hpcpath.store import slide_source
 
 __all__ = ["build_dataset", "DatasetBuildResult", "find_stores"]
@@ -370,7 +370,7 @@ def build_dataset(
             for a in range(0, plan["items"], chunk * 4):
                 b = min(plan["items"], a + chunk * 4)
                 f = client.submit(write_patches, str(by_id[sid]), str(sources[sid]), cfg.name, arr, a, b,
-                                  key=f"patches-{sid}-{arr}-{a}-{cfg.name}", pure=False, retries=2)
+                                  key=task_key("patches", sid, arr, a, cfg.name), pure=False, retries=2)
                 futs.append((f, arr))
         return futs
 
@@ -388,7 +388,7 @@ def build_dataset(
                          "warnings": _first_warnings(o.plan.get("warnings", []))}
             emit("slide", {"slide_id": sid, **done[sid]})
 
-    run_per_slide(client, plans, expand, finish, key=cfg.name)
+    run_per_slide(client, plans, expand, finish, stage="dataset", key=cfg.name)
 
     ids = sorted(done)
     patient = _patients(cfg, ids)

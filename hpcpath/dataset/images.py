@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from hpcpath.errors import HpcpathError, OutputError
-from hpcpath.stage import run_per_slide
+from hpcpath.stage import run_per_slide, task_key
 
 __all__ = ["build_image_dataset"]
 
@@ -109,7 +109,7 @@ def build_image_dataset(
         idx = members[s]
         return [
             (client.submit(_write_images, stores[s], name, [str(cxr.image_paths[i]) for i in idx[a : a + chunk]],
-                           a, size, key=f"images-{name}-{s}-{a}", pure=False, retries=2), "images")
+                           a, size, key=task_key("images", str(s), a, name), pure=False, retries=2), "images")
             for a in range(0, len(idx), chunk)
         ]
 
@@ -125,7 +125,7 @@ def build_image_dataset(
             failed[s] = o.error
             emit("failed", {"slide_id": s, "error": o.error})
 
-    run_per_slide(client, plans, expand, finish, key=name)
+    run_per_slide(client, plans, expand, finish, stage="images", key=name)
     if failed:
         split, err = next(iter(failed.items()))
         raise HpcpathError(f"{split} split failed: {err}", csv)

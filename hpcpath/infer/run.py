@@ -29,7 +29,7 @@ from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS, read_table, wri
 from hpcpath.infer.predictions import open_predictions, predictions_complete
 from hpcpath.infer.tasks import (detect_candidates, finish_predictions, output_paths,
                                  plan_predictions, predict_windows)
-from hpcpath.stage import run_per_slide
+from hpcpath.stage import run_per_slide, task_key
 from hpcpath.store import check_output_dir, slide_source
 
 __all__ = ["InferResult", "infer_slides", "check_model", "prediction_name", "SUMMARY_NAME", "TASKS_NAME"]
@@ -261,11 +261,11 @@ def infer_slides(
         src = plans[sid][1][1]
         futs = [
             client.submit(task_fn, plan["store"], src, str(model_dir), name, k, r0, r1, cfg,
-                          key=f"infer-{sid}-{k}-{run}", pure=False, retries=1, resources=resources)
+                          key=task_key("predict", sid, k, run), pure=False, retries=1, resources=resources)
             for k, (r0, r1) in enumerate(plan["blocks"])
         ]
         fin = client.submit(finish_predictions, plan["store"], name, str(out), cfg, *futs,
-                            key=f"infer-finish-{sid}-{run}", pure=False)
+                            key=task_key("predict-finish", sid, run), pure=False)
         return [(f, "windows") for f in futs] + [(fin, "finish")]
 
     def finish(sid: str, o) -> None:
@@ -285,5 +285,5 @@ def infer_slides(
         if kind == "windows":
             emit("windows", {"slide_id": sid, "n": n})
 
-    run_per_slide(client, plans, expand, finish, key=run, on_task=on_task)
+    run_per_slide(client, plans, expand, finish, stage="predict", key=run, on_task=on_task)
     return InferResult(out, name, rows, summary_path, tasks_path)
