@@ -10,6 +10,13 @@ Regions are drawn with :func:`hpcpath.geometry.rasterize_polygons` (pixel-centre
 tumour in the pixels, the tumour mask TIFF, the GeoJSON and the ASAP XML agree exactly.
 The label image, the ``Filename`` and ``User`` fields carry fake identifiers
 (:attr:`SynthTruth.phi`) so privacy tests can check they never reach any output.
+
+Two presets.  ``easy`` (the default; smoke tests) makes tumour obvious: any small CNN scores
+tile AUC 1.0 on it.  ``hard`` is for measuring models: the stain differs from slide to slide,
+tumour texture is close to stroma, blur / tissue-fold / pen-ink artefacts lie over the
+tissue, dark mitosis mimics (apoptotic bodies, lymphocytes) that are *not* mitoses are
+planted beside the mitoses, and :func:`make_cohort` makes some slides normal (no tumour).
+The artefacts and mimics are recorded in the truth (``artefacts``, ``mimics``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import functools
 import json
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +35,7 @@ import tifffile
 from hpcpath.geometry import points_in_polygons, polygon_rings, rasterize_polygons
 
 __all__ = ["SynthTruth", "write_synthetic_slide", "make_cohort", "load_truth",
-           "pyramid_downsamples"]
+           "pyramid_downsamples", "PRESETS", "MIMIC_KINDS", "ARTEFACT_KINDS"]
 
 BACKGROUND = (238, 236, 240)
 _Q = 80.0                      # uint8 texture units per optical density
@@ -48,6 +55,43 @@ _FONT = {  # 5x7 glyphs, one 5-bit int per row: enough for the fake identifiers
 }
 
 
+@dataclass(frozen=True)
+class _Look:
+    """A preset's rendering knobs; the defaults are the easy preset's (its original values)."""
+
+    stroma_spacing: float = 28.0       # um between fibroblast nuclei (jittered grid)
+    stroma_fill: float = 0.85
+    lymph_share: float = 0.25          # share of stroma nuclei that are lymphocytes
+    tumour_spacing: float = 9.0        # um, times sqrt(2)
+    tumour_fill: float = 0.95
+    tumour_major: tuple[float, float] = (4.0, 6.0)   # um semi-axes
+    tumour_minor: tuple[float, float] = (3.2, 4.5)
+    tumour_sigma: float = 0.22         # log-normal size spread
+    tumour_od: tuple[float, float] = (0.85, 1.25)
+    tumour_h: float = 0.21             # cytoplasm optical densities
+    tumour_e: float = 0.13
+    vesicular: float = 1.0             # share of tumour nuclei with pale centres
+    tumour_on_stroma: bool = False     # tumour = stroma texture plus atypical nuclei
+    tumour_e_scale: float = 1.0
+    atypia_fill: float = 0.0           # tumour-like nuclei in stroma (half the density)
+    stain_jitter: float = 0.0          # per-slide stain vector perturbation
+    mitosis_od: float = 2.4
+    artefacts: bool = False
+    mimics_per_mitosis: float = 0.0
+
+
+PRESETS = {
+    "easy": _Look(),
+    "hard": _Look(stroma_spacing=20.0, stroma_fill=0.9, lymph_share=0.35, tumour_spacing=15.0,
+                  tumour_fill=0.6, tumour_major=(3.0, 4.2), tumour_minor=(2.2, 3.2),
+                  tumour_sigma=0.2, tumour_od=(0.95, 1.3), tumour_h=0.02, vesicular=0.4,
+                  tumour_on_stroma=True, tumour_e_scale=0.93, atypia_fill=0.5,
+                  stain_jitter=0.12, mitosis_od=2.1, artefacts=True, mimics_per_mitosis=1.0),
+}
+MIMIC_KINDS = ("apoptotic", "lymphocyte")
+ARTEFACT_KINDS = ("blur", "fold", "pen")
+
+
 @dataclass(frozen=True, eq=False)
 class SynthTruth:
     """What was planted in a synthetic slide; all coordinates are level-0 pixels (x, y)."""
@@ -65,6 +109,10 @@ class SynthTruth:
     phi: tuple[str, ...] = ()                 # fake identifiers that must never leak
     downsamples: tuple[int, ...] = (1,)
     mitosis_radius_px: float = 8.0
+    preset: str = "easy"
+    mimics: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # not mitoses
+    mimic_kinds: tuple[str, ...] = ()                                    # per mimic
+    artefacts: tuple[tuple[str, np.ndarray], ...] = ()                   # (kind, polygon)
 
 
 def pyramid_downsamples(width: int, height: int, tile: int = 256) -> list[int]:
@@ -198,6 +246,38 @@ def _points(rng, n, inside, outside, clear_of, rr, taken: list) -> list:
     return out
 
 
+def _band(centre, direction, length, width, bend, taper) -> np.ndarray:
+    """A gently curved stroke as a simple polygon (width small against length and bend)."""
+    d = np.array([np.cos(direction), np.sin(direction)])
+    n = np.array([-d[1], d[0]])
+    t = np.linspace(-1, 1, 33)[:, None]
+    line = centre + t * length / 2 * d + bend * length * (1 - t ** 2) * n
+    w = width / 2 * (1 - taper * t ** 2)
+    return np.round(np.vstack([line + w * n, (line - w * n)[::-1]]), 2)
+
+
+def _artefacts(rng, blobs, w: int, h: int) -> list[tuple[str, np.ndarray]]:
+    """One out-of-focus patch, one tissue fold and one pen stroke, over the tissue."""
+    if not blobs:
+        return []
+    s = min(w, h)
+    out = []
+    host, c = blobs[rng.integers(len(blobs))]
+    centre = (c + host[rng.integers(len(host))]) / 2
+    blob = _rotate(_star(rng, 48, 0.25) * [1, rng.uniform(0.6, 1)], rng.uniform(0, np.pi))
+    out.append(("blur", np.round(blob * s * rng.uniform(0.06, 0.1) + centre, 2)))
+    host, c = blobs[rng.integers(len(blobs))]
+    ext = (host.max(0) - host.min(0)).max()
+    out.append(("fold", _band(c + rng.uniform(-0.15, 0.15, 2) * ext, rng.uniform(0, np.pi),
+                              ext * rng.uniform(0.35, 0.55), s * rng.uniform(0.02, 0.035),
+                              rng.uniform(-0.08, 0.08), 0.7)))
+    host, c = blobs[rng.integers(len(blobs))]
+    edge = host[rng.integers(len(host))]
+    out.append(("pen", _band(edge, rng.uniform(0, np.pi), s * rng.uniform(0.25, 0.4),
+                             s * rng.uniform(0.012, 0.02), rng.uniform(-0.1, 0.1), 0.3)))
+    return out
+
+
 # ----------------------------------------------------------------------------- textures
 def _stamp_nuclei(rng, canvas, spacing, fill, make):
     """Jittered-grid nuclei on a periodic canvas (wrap-around indices keep it seamless)."""
@@ -240,13 +320,22 @@ def _fibres(rng, p: int, angle: float, px_um: float) -> np.ndarray:
     return out / out.std()
 
 
+def _blurred(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """Periodic Gaussian blur (FFT): the layer stays seamless."""
+    p = arr.shape[0]
+    fu, fv = np.meshgrid(np.fft.rfftfreq(p), np.fft.fftfreq(p))
+    filt = np.exp(-2 * (np.pi * sigma) ** 2 * (fu ** 2 + fv ** 2))
+    return np.fft.irfft2(np.fft.rfft2(arr) * filt, s=(p, p))
+
+
 @functools.lru_cache(maxsize=4)
-def _textures(seed: int, mpp: float, tile: int) -> dict:
+def _textures(seed: int, mpp: float, tile: int, look: _Look = PRESETS["easy"]) -> dict:
     """Periodic stain-density layers per period and level, padded by one tile for slicing.
 
     Stroma: eosin fibres with sparse elongated fibroblasts and a few lymphocytes.  Tumour:
     crowded, large, pleomorphic vesicular nuclei on purple-ish cytoplasm.  Two periods whose
     least common multiple is ~19k px hide the repetition; lower levels are block means.
+    With artefacts, each layer also has a blurred twin (``name + "~"``) for blur regions.
     """
     um = 1.0 / mpp  # pixels per micrometre
     tex: dict = {}
@@ -258,26 +347,40 @@ def _textures(seed: int, mpp: float, tile: int) -> dict:
         layers = {
             "sE": 0.165 + 0.07 * fib + 0.03 * low + rng.normal(0, 0.02, (p, p)),
             "sH": 0.03 + rng.normal(0, 0.01, (p, p)),
-            "tE": 0.13 + 0.03 * low + rng.normal(0, 0.025, (p, p)),
-            "tH": 0.21 + 0.04 * low + rng.normal(0, 0.03, (p, p)),
+            "tE": look.tumour_e + 0.03 * low + rng.normal(0, 0.025, (p, p)),
+            "tH": look.tumour_h + 0.04 * low + rng.normal(0, 0.03, (p, p)),
         }  # optical densities; quantised and clipped below
+        if look.tumour_on_stroma:  # tumour cells infiltrating stroma: its fibres show
+            layers["tE"] = layers["sE"] * look.tumour_e_scale + rng.normal(0, 0.01, (p, p))
+            layers["tH"] = layers["sH"] + look.tumour_h
 
         def fibro(r):
-            if r.random() < 0.25:  # lymphocyte: small, round, dark
+            if r.random() < look.lymph_share:  # lymphocyte: small, round, dark
                 return _nucleus(r, 3.5 * um / 2, 3.3 * um / 2, 0, 0.08, 1.5)
             return _nucleus(r, r.uniform(5, 8) * um / 2, r.uniform(1.4, 2.2) * um / 2,
                             ang + r.normal(0, 0.25), 0.1, 1.1)
 
         def tumour(r):
-            k = r.lognormal(0, 0.22)
-            return _nucleus(r, k * r.uniform(4, 6) * um, k * r.uniform(3.2, 4.5) * um,
-                            r.uniform(0, np.pi), 0.18, r.uniform(0.85, 1.25), vesicular=True)
+            k = r.lognormal(0, look.tumour_sigma)
+            return _nucleus(r, k * r.uniform(*look.tumour_major) * um,
+                            k * r.uniform(*look.tumour_minor) * um,
+                            r.uniform(0, np.pi), 0.18, r.uniform(*look.tumour_od),
+                            vesicular=r.random() < look.vesicular)
 
-        _stamp_nuclei(rng, layers["sH"], 28 * um, 0.85, fibro)
-        _stamp_nuclei(rng, layers["tH"], 9 * um * 1.4142, 0.95, tumour)
+        _stamp_nuclei(rng, layers["sH"], look.stroma_spacing * um, look.stroma_fill, fibro)
+        if look.tumour_on_stroma:
+            _stamp_nuclei(rng, layers["tH"], look.stroma_spacing * um, look.stroma_fill, fibro)
+        _stamp_nuclei(rng, layers["tH"], look.tumour_spacing * um * 1.4142, look.tumour_fill,
+                      tumour)
+        if look.atypia_fill:  # reactive stroma: a few tumour-like nuclei outside tumour
+            _stamp_nuclei(rng, layers["sH"], look.tumour_spacing * um * 1.4142 * 2,
+                          look.atypia_fill, tumour)
         layers["tE"] *= np.clip(1 - layers["tH"], 0.3, 1)
+        if look.artefacts:  # out-of-focus twins: blur of ~2.5 um
+            layers.update({k + "~": _blurred(v, 2.5 * um) for k, v in list(layers.items())})
         for name, arr in layers.items():
-            arr = np.clip(arr * _Q, 0, 127 if name.endswith("E") else 255).astype(np.float32)
+            top = 127 if name.rstrip("~").endswith("E") else 255
+            arr = np.clip(arr * _Q, 0, top).astype(np.float32)
             for d in _TEX_DS:
                 pd = p // d
                 lv = arr.reshape(pd, d, pd, d).mean((1, 3)) if d > 1 else arr
@@ -293,13 +396,26 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] | rgb[..., 1] << 8 | rgb[..., 2] << 16
 
 
+def _stains(seed: int, jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    """The slide's haematoxylin and eosin OD vectors: the reference ones, or (``jitter``)
+    turned and scaled per slide, as stain batches and scanners differ."""
+    if not jitter:
+        return _STAIN_H, _STAIN_E
+    r = np.random.default_rng([seed, 15])
+    h = _STAIN_H + r.normal(0, jitter, 3)
+    e = _STAIN_E + r.normal(0, jitter, 3)
+    h, e = np.abs(h) / np.linalg.norm(h), np.abs(e) / np.linalg.norm(e)
+    return h * r.uniform(0.75, 1.3), e * r.uniform(0.7, 1.35)
+
+
 @functools.lru_cache(maxsize=4)
-def _background(seed: int, tile: int) -> dict:
+def _background(seed: int, tile: int, jitter: float = 0.0) -> dict:
     """Glass noise (sampled in level coordinates) and the (H, E) -> RGB Beer-Lambert table."""
     noise = np.random.default_rng([seed, 12]).normal(0, 1.2, (1024, 1024, 3))
     bg = _pack(np.array(BACKGROUND) + noise)
     h, e = np.meshgrid(np.arange(256) / _Q, np.arange(256) / _Q, indexing="ij")
-    od = h[..., None] * _STAIN_H + e[..., None] * _STAIN_E
+    stain_h, stain_e = _stains(seed, jitter)
+    od = h[..., None] * stain_h + e[..., None] * stain_e
     return {("bg", 1024, 1): np.tile(bg, (2, 2))[:1024 + tile, :1024 + tile],
             "lut": _pack(np.array(BACKGROUND) * np.exp(-od)).reshape(-1)}
 
@@ -328,18 +444,62 @@ class _Scene:
     mitoses: np.ndarray
     mshape: np.ndarray      # (M, 8) per-mitosis shape parameters
     rr: float
+    look: _Look = PRESETS["easy"]
+    mimics: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    mimic_kind: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    mimic_shape: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))
+    art: dict = field(default_factory=dict)   # kind -> (polygons, boxes)
+    pen_tint: np.ndarray = field(default_factory=lambda: np.ones(3))
 
 
-def _scene(truth_parts, seed, mpp, tile, rr) -> _Scene:
+_PEN_INKS = np.array([[0.30, 0.45, 0.85], [0.40, 0.75, 0.45], [0.32, 0.32, 0.38]])  # RGB kept
+
+
+def _boxes(polys) -> np.ndarray:
+    return np.array([[*p.min(0), *p.max(0)] for p in polys]).reshape(-1, 4)
+
+
+def _scene(truth_parts, seed, mpp, tile, rr, look: _Look = PRESETS["easy"],
+           mimics=None, mimic_kinds=(), artefacts=()) -> _Scene:
     tissue, tumour, mitoses = truth_parts
     polys = tissue + tumour
-    boxes = np.array([[*p.min(0), *p.max(0)] for p in polys]).reshape(-1, 4)
+    boxes = _boxes(polys)
     rng = np.random.default_rng([seed, 13])
     mshape = np.c_[rng.uniform(1.0, 1.5, len(mitoses)), rng.uniform(0, np.pi, (len(mitoses), 1)),
                    rng.uniform(0, 0.15, (len(mitoses), 3)), rng.uniform(0, 6.3, (len(mitoses), 3))]
-    tex = {**_background(seed, tile), **(_textures(seed, mpp, tile) if polys else {})}
-    return _Scene(tex, polys, [1] * len(tissue) + [2] * len(tumour),
-                  boxes, mitoses.reshape(-1, 2), mshape, rr)
+    tex = {**_background(seed, tile, look.stain_jitter),
+           **(_textures(seed, mpp, tile, look) if polys else {})}
+    sc = _Scene(tex, polys, [1] * len(tissue) + [2] * len(tumour),
+                boxes, mitoses.reshape(-1, 2), mshape, rr, look)
+    if mimics is not None and len(mimics):
+        r = np.random.default_rng([seed, 17])
+        kind = np.array([MIMIC_KINDS.index(k) for k in mimic_kinds])
+        n = len(kind)
+        size = np.where(kind == 0, r.uniform(0.5, 0.7, n), r.uniform(0.4, 0.55, n))
+        sc.mimics, sc.mimic_kind = np.asarray(mimics, np.float64).reshape(-1, 2), kind
+        sc.mimic_shape = np.c_[size * rr, r.uniform(1.0, 1.12, n), r.uniform(0, np.pi, n),
+                               r.uniform(0, 0.06, n), r.uniform(0, 6.3, n)]
+    for k in ARTEFACT_KINDS:
+        ps = [p for kind, p in artefacts if kind == k]
+        if ps:
+            sc.art[k] = (ps, _boxes(ps))
+    if "pen" in sc.art:
+        sc.pen_tint = _PEN_INKS[np.random.default_rng([seed, 18]).integers(len(_PEN_INKS))]
+    return sc
+
+
+def _art_mask(sc: _Scene, kind: str, x0, y0, ds, rows, cols):
+    """Where artefact ``kind`` covers the window (None: nowhere near)."""
+    if kind not in sc.art:
+        return None
+    polys, b = sc.art[kind]
+    x1, y1 = x0 + cols * ds, y0 + rows * ds
+    hit = np.flatnonzero((b[:, 0] < x1) & (b[:, 2] > x0) & (b[:, 1] < y1) & (b[:, 3] > y0))
+    if not len(hit):
+        return None
+    m = rasterize_polygons([polys[i] for i in hit], (rows, cols), origin=(x0, y0),
+                           downsample=ds).astype(bool)
+    return m if m.any() else None
 
 
 def _render(sc: _Scene, x0: float, y0: float, ds: float, rows: int, cols: int) -> np.ndarray:
@@ -357,21 +517,38 @@ def _render(sc: _Scene, x0: float, y0: float, ds: float, rows: int, cols: int) -
     if region is None or not region.any():
         packed = bg
     else:
-        def stains(kind):  # nuclei of the two layers overlap (max); eosin adds up
-            (ha, ea), (hb, eb) = ((_sample(t, kind + "H", p, x0, y0, ds, rows, cols),
-                                   _sample(t, kind + "E", p, x0, y0, ds, rows, cols))
+        def stains(kind, twin=""):  # nuclei of the two layers overlap (max); eosin adds up
+            (ha, ea), (hb, eb) = ((_sample(t, kind + "H" + twin, p, x0, y0, ds, rows, cols),
+                                   _sample(t, kind + "E" + twin, p, x0, y0, ds, rows, cols))
                                   for p in _PERIODS)
             return np.maximum(ha, hb), ea + eb
 
-        hh, ee = stains("s")
+        def layers(twin=""):
+            hh, ee = stains("s", twin)
+            if tum.any():
+                th, te = stains("t", twin)
+                hh, ee = np.where(tum, th, hh), np.where(tum, te, ee)
+            return hh, ee
+
         tum = region == 2
-        if tum.any():
-            th, te = stains("t")
-            hh, ee = np.where(tum, th, hh), np.where(tum, te, ee)
+        hh, ee = layers()
+        blur = _art_mask(sc, "blur", x0, y0, ds, rows, cols)
+        if blur is not None:  # out of focus: the blurred twins of the texture layers
+            bh, be = layers("~")
+            hh, ee = np.where(blur, bh, hh), np.where(blur, be, ee)
         _draw_mitoses(sc, hh, ee, x0, y0, ds)
+        _draw_mimics(sc, hh, ee, x0, y0, ds)
+        fold = _art_mask(sc, "fold", x0, y0, ds, rows, cols)
+        if fold is not None:  # tissue folded over itself: twice the stain
+            hh = np.where(fold, np.minimum(hh * 2.0, 255), hh).astype(np.uint8)
+            ee = np.where(fold, np.minimum(ee * 1.9, 255), ee).astype(np.uint8)
         rgb = t["lut"].take((hh.astype(np.uint16) << 8) | ee)
         packed = np.where(region > 0, rgb, bg)
-    return np.ascontiguousarray(packed.view(np.uint8).reshape(rows, cols, 4)[..., :3])
+    out = np.ascontiguousarray(packed.view(np.uint8).reshape(rows, cols, 4)[..., :3])
+    pen = _art_mask(sc, "pen", x0, y0, ds, rows, cols)
+    if pen is not None:  # marker ink over tissue and glass alike
+        out[pen] = np.round(out[pen] * sc.pen_tint).astype(np.uint8)
+    return out
 
 
 def _draw_mitoses(sc: _Scene, hh, ee, x0, y0, ds):
@@ -395,8 +572,42 @@ def _draw_mitoses(sc: _Scene, hh, ee, x0, y0, ds):
         edge = sc.rr * (1 + sum(ha[k] * np.cos((k + 2) * th + ha[k + 3]) for k in range(3)))
         alpha = np.clip((edge - rho) / ds + 0.5, 0, 1)
         win = (slice(ra, rb), slice(ca, cb))
-        hh[win] = np.maximum(hh[win], (alpha * 2.4 * _Q).astype(np.uint8))
+        hh[win] = np.maximum(hh[win], (alpha * sc.look.mitosis_od * _Q).astype(np.uint8))
         ee[win] = (ee[win] * (1 - 0.6 * alpha)).astype(np.uint8)
+
+
+def _draw_mimics(sc: _Scene, hh, ee, x0, y0, ds):
+    """Dark round bodies that are not mitoses: apoptotic bodies (dense, smaller, in a clear
+    eosinophilic halo) and lymphocytes (small, round, a little less dark)."""
+    if not len(sc.mimics):
+        return
+    rows, cols = hh.shape
+    m = sc.rr * 1.6
+    near = np.flatnonzero((sc.mimics[:, 0] > x0 - m) & (sc.mimics[:, 0] < x0 + cols * ds + m)
+                          & (sc.mimics[:, 1] > y0 - m) & (sc.mimics[:, 1] < y0 + rows * ds + m))
+    for i in near:
+        (mx, my), (rad, anis, ang, h3, p3) = sc.mimics[i], sc.mimic_shape[i]
+        ra, rb = max(0, int((my - m - y0) / ds)), min(rows, int((my + m - y0) / ds) + 2)
+        ca, cb = max(0, int((mx - m - x0) / ds)), min(cols, int((mx + m - x0) / ds) + 2)
+        if ra >= rb or ca >= cb:
+            continue
+        dy, dx = np.meshgrid(y0 + (np.arange(ra, rb) + 0.5) * ds - my,
+                             x0 + (np.arange(ca, cb) + 0.5) * ds - mx, indexing="ij")
+        u, v = dx * np.cos(ang) + dy * np.sin(ang), -dx * np.sin(ang) + dy * np.cos(ang)
+        rho, th = np.hypot(u / anis, v * anis), np.arctan2(v, u)
+        edge = rad * (1 + h3 * np.cos(3 * th + p3))
+        alpha = np.clip((edge - rho) / ds + 0.5, 0, 1)
+        win = (slice(ra, rb), slice(ca, cb))
+        h, e = hh[win].astype(np.float32), ee[win].astype(np.float32)
+        if sc.mimic_kind[i] == 0:
+            halo = np.clip((1.8 * edge - rho) / ds + 0.5, 0, 1) - alpha
+            h = np.maximum(h * (1 - 0.85 * halo), alpha * 2.3 * _Q)
+            e = e * (1 - 0.5 * alpha) * (1 - 0.3 * halo) + halo * 0.35 * _Q
+        else:
+            h = np.maximum(h, alpha * 1.9 * _Q)
+            e = e * (1 - 0.5 * alpha)
+        hh[win] = np.clip(h, 0, 255).astype(np.uint8)
+        ee[win] = np.clip(e, 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -538,12 +749,17 @@ def _sidecars(truth: SynthTruth) -> None:
     pts = [_feature("Point", [float(x), float(y)], "Mitosis", [255, 200, 0])
            for x, y in truth.mitoses]
     _write_text(f["mitoses_geojson"], json.dumps({"type": "FeatureCollection", "features": pts}))
+    extra = {} if truth.preset == "easy" else {
+        "preset": truth.preset, "mimics": truth.mimics.tolist(),
+        "mimic_kinds": list(truth.mimic_kinds),
+        "artefacts": [{"kind": k, "polygon": p.tolist()} for k, p in truth.artefacts]}
     doc = {"width": truth.width, "height": truth.height, "mpp": truth.mpp, "seed": truth.seed,
            "tile": truth.tile, "downsamples": list(truth.downsamples), "phi": list(truth.phi),
            "mitosis_radius_px": truth.mitosis_radius_px, "slide": truth.slide.name,
            "files": {k: v.name for k, v in f.items()},
            "tissue": [p.tolist() for p in truth.tissue],
-           "tumour": [p.tolist() for p in truth.tumour], "mitoses": truth.mitoses.tolist()}
+           "tumour": [p.tolist() for p in truth.tumour], "mitoses": truth.mitoses.tolist(),
+           **extra}
     _write_text(f["truth"], json.dumps(doc))
 
 
@@ -559,14 +775,18 @@ def write_synthetic_slide(path, width: int = 8192, height: int = 8192, *, seed: 
                           mpp: float = 0.5, tile: int = 256, quality: int = 90,
                           n_tissue: int = 3, n_tumour: int = 2, n_mitoses: int = 40,
                           mitosis_radius_um: float = 4.0, blank: bool = False,
-                          maxworkers: int | None = None) -> SynthTruth:
+                          preset: str = "easy", maxworkers: int | None = None) -> SynthTruth:
     """Write ``<stem>.svs`` plus its ground-truth sidecars; return the truth.
 
     Memory stays flat at any size: every page is streamed tile by tile to tifffile.
     ``maxworkers`` is passed to tifffile's JPEG encoder threads (None: tifffile decides).
+    ``preset``: ``easy`` or ``hard`` (module docstring); ``n_tumour=0`` makes a normal slide.
     """
     if width < 1 or height < 1 or tile < 16 or tile % 16 or mpp <= 0:
         raise ValueError("width/height must be positive, tile a multiple of 16, mpp > 0")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    look = PRESETS[preset]
     path = Path(path).with_suffix(".svs")
     path.parent.mkdir(parents=True, exist_ok=True)
     mpp = float(mpp)
@@ -579,11 +799,21 @@ def write_synthetic_slide(path, width: int = 8192, height: int = 8192, *, seed: 
     pts = _points(rng, n_in, tumour, [], tumour, rr, [])
     pts += _points(rng, n_mitoses - len(pts), tissue, tumour, tissue + tumour, rr, pts)
     mitoses = np.array(pts, dtype=np.float64).reshape(-1, 2)
+    art, mimics, kinds = [], np.zeros((0, 2)), ()
+    if look.artefacts:
+        art = _artefacts(np.random.default_rng([seed, 16]), blobs, width, height)
+    if look.mimics_per_mitosis and tissue:
+        r = np.random.default_rng([seed, 19])
+        n_mim = round(look.mimics_per_mitosis * max(n_mitoses, len(mitoses)))
+        got = _points(r, n_mim, tissue, [], tissue, rr, [tuple(p) for p in mitoses])
+        mimics = np.array(got, dtype=np.float64).reshape(-1, 2)
+        kinds = tuple(MIMIC_KINDS[k] for k in r.integers(0, 2, len(mimics)))
     dss = pyramid_downsamples(width, height, tile)
     phi = (f"PATIENT-{seed % 10000 + 1:04d}", f"jdoe{seed % 10000 + 1:04d}")
     truth = SynthTruth(path, width, height, mpp, tissue, tumour, mitoses,
-                       _sidecar_paths(path), seed, tile, phi, tuple(dss), rr)
-    sc = _scene((tissue, tumour, mitoses), seed, mpp, tile, rr)
+                       _sidecar_paths(path), seed, tile, phi, tuple(dss), rr, preset, mimics,
+                       kinds, tuple(art))
+    sc = _scene((tissue, tumour, mitoses), seed, mpp, tile, rr, look, mimics, kinds, art)
     with _atomic(path) as tmp:
         _write_slide(tmp, sc, width, height, mpp, tile, quality, dss, phi, seed, maxworkers)
     with _atomic(truth.files["tumor_mask"]) as tmp:
@@ -593,11 +823,25 @@ def write_synthetic_slide(path, width: int = 8192, height: int = 8192, *, seed: 
 
 
 def make_cohort(out_dir, n: int = 4, width: int = 8192, height: int = 8192, seed: int = 0,
-                **kw) -> list[SynthTruth]:
-    """``slide_000.svs`` ... with seeds ``seed + i``: a small multi-slide, multi-patient set."""
+                *, preset: str = "easy", normal: int | None = None, **kw) -> list[SynthTruth]:
+    """``slide_000.svs`` ... with seeds ``seed + i``: a small multi-slide, multi-patient set.
+
+    The last ``normal`` slides have no tumour (and a quarter of the mitoses, all in stroma),
+    so slide-level scores can be judged; default none for ``easy``, a third for ``hard``.
+    """
     out = Path(out_dir)
-    return [write_synthetic_slide(out / f"slide_{i:03d}.svs", width, height, seed=seed + i, **kw)
-            for i in range(n)]
+    if normal is None:
+        normal = 0 if preset == "easy" else max(1, n // 3) if n > 1 else 0
+    if not 0 <= normal <= n:
+        raise ValueError(f"normal must be between 0 and {n}, got {normal}")
+    out_list = []
+    for i in range(n):
+        args = dict(kw, preset=preset)
+        if i >= n - normal:
+            args.update(n_tumour=0, n_mitoses=kw.get("n_mitoses", 40) // 4)
+        out_list.append(write_synthetic_slide(out / f"slide_{i:03d}.svs", width, height,
+                                              seed=seed + i, **args))
+    return out_list
 
 
 def load_truth(path) -> SynthTruth:
@@ -612,4 +856,9 @@ def load_truth(path) -> SynthTruth:
                       [np.array(p, dtype=np.float64) for p in doc["tumour"]],
                       np.array(doc["mitoses"], dtype=np.float64).reshape(-1, 2),
                       {k: d / v for k, v in doc["files"].items()}, doc["seed"], doc["tile"],
-                      tuple(doc["phi"]), tuple(doc["downsamples"]), doc["mitosis_radius_px"])
+                      tuple(doc["phi"]), tuple(doc["downsamples"]), doc["mitosis_radius_px"],
+                      doc.get("preset", "easy"),
+                      np.array(doc.get("mimics", []), dtype=np.float64).reshape(-1, 2),
+                      tuple(doc.get("mimic_kinds", ())),
+                      tuple((a["kind"], np.array(a["polygon"], dtype=np.float64))
+                            for a in doc.get("artefacts", ())))
