@@ -108,7 +108,7 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
     memory stays bounded by one block of the label raster."""
     from hpcpath.annotations import AnnotationSet, MaskAnnotation, read_annotations
     from hpcpath.annotations._errors import warn
-    from hpcpath.labels import centre_labels, region_fraction
+    from hpcpath.labels import centre_boxes, region_fraction
 
     dims = tuple(store_meta["slide"]["level_dimensions"][0])
     side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
@@ -152,9 +152,13 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
             raster |= regions.rasterize((h, w), origin=(x0, y0), downsample=ld) > 0
         if cut_out.regions:  # exclusions carve out of masks and polygons alike
             raster &= cut_out.rasterize((h, w), origin=(x0, y0), downsample=ld) == 0
-        fraction[sel] = region_fraction(raster, ld, boxes[sel], origin=(x0, y0))
-        labels[sel] = centre_labels(raster, ld, boxes[sel], centre_fraction=cfg.centre_fraction,
-                                    origin=(x0, y0))
+        if not raster.any():  # most blocks of a slide: nothing annotated
+            continue
+        # one summed-area table for both: the tiles (fraction) and their centre squares
+        # (the centre label, as labels.centre_labels: any annotated pixel centre inside)
+        both = region_fraction(raster, ld, np.concatenate(
+            [boxes[sel], centre_boxes(boxes[sel], cfg.centre_fraction)]), origin=(x0, y0))
+        fraction[sel], labels[sel] = both[:len(sel)], both[len(sel):] > 0
     for m in masks:
         m.close()
     if cfg.rule == "fraction":
