@@ -5,6 +5,8 @@ LocalCluster run."""
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +64,11 @@ def test_sbatch_tile_script_runs_scheduler_and_workers_in_the_allocation(local_s
     )
     log = (tmp_path / "job.log").read_text() if (tmp_path / "job.log").exists() else ""
     assert proc.returncode == 0, proc.stderr + log
-    assert "2 tiled" in log and "dashboard http://127.0.0.1:" in log
+    assert "2 tiled" in log
+    # the dashboard runs on the batch node: the log says how to reach it from a laptop
+    port = re.search(r"dashboard http://127\.0\.0\.1:(\d+)/status", log).group(1)
+    node = socket.gethostname().split(".")[0]
+    assert f"dashboard from your machine: ssh -N -L 8787:127.0.0.1:{port} {node}" in log, log
     for s in SLIDES:
         _assert_same_stores(tmp_path / "out", local_reference, Path(s).stem)
 
