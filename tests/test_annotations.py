@@ -15,7 +15,6 @@ from hpcpath.annotations import (DEFAULT_CXR14, AnnotationError, AnnotationSet,
                                  UNCLASSIFIED, match_annotations, points_by_slide,
                                  read_annotations, read_chestxray_csv, read_label_table,
                                  read_point_table)
-from hpcpath.errors import HpcpathError
 from hpcpath.labels import CAMELYON_CENTRE_FRACTION, centre_labels, region_fraction
 from hpcpath.synth import write_synthetic_slide
 
