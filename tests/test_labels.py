@@ -179,7 +179,8 @@ def _random_regions(rng, w, h, n, rmin, rmax):
         cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(rmin, rmax)
         t = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 30))))
         rad = r * rng.uniform(0.3, 1, t.size)
-        poly = shapely.Polygon(np.c_[cx + rad * np.cos(t), cy + rad * np.sin(t)])
+        poly = shapely.make_valid(shapely.Polygon(np.c_[cx + rad * np.cos(t),
+                                                        cy + rad * np.sin(t)]))
         if k % 3 == 0:
             poly = poly.difference(shapely.Point(cx, cy).buffer(r / 4, 8))
         out.extend(p for p in shapely.get_parts(shapely.make_valid(poly))
@@ -233,35 +234,42 @@ def _build_labels(root, slide, name, client, **cfg):
     return labels, dict(d.attrs["hpcpath_dataset"])
 
 
-@pytest.mark.parametrize("case", ["coarse-level-0", "normal"])
-def test_centre_labels_follow_the_tile_pixel(tmp_path, dask_client, case):
+@pytest.mark.parametrize("case", ["coarse-level-0", "normal", "real-coarse-tiff"])
+def test_centre_labels_follow_the_tile_pixel(tmp_path, dask_client, request, case):
     """A slide whose level 0 is coarse (29 um/px, as a CAMELYON16 DICOM export: 16-px tiles,
-    10-px centre) and a normal one (0.25 um/px, 64-px tiles): centre labels built by
-    ``build_dataset`` agree with shapely everywhere off the 1-px boundary band."""
+    10-px centre), a normal one (0.25 um/px, 64-px tiles) and a real coarse slide (the shared
+    boxes.tiff, 352.8 um/px, read by OpenSlide): centre labels built by ``build_dataset``
+    agree with shapely everywhere off the 1-px boundary band."""
     import zarr
 
     from hpcpath.config import TileConfig
     from hpcpath.tiling import tile_slides
 
-    mpp, w, h, tile, rmin, rmax = ((29.0, 768, 640, 16, 2, 40) if case == "coarse-level-0"
-                                   else (0.25, 1536, 1280, 64, 6, 160))
-    slide = f"slide_{case}"
-    _write_slide(tmp_path / f"{slide}.tif", w, h, mpp)
-    assert tile_slides([tmp_path / f"{slide}.tif"], tmp_path / "stores",
-                       TileConfig(tile_size=tile), client=dask_client).ok
-    rng = np.random.default_rng(5)
-    polys = [p for p in _random_regions(rng, w, h, 70, rmin, rmax)]
+    mpp, w, h, tile, rmin, rmax, n = {"coarse-level-0": (29.0, 768, 640, 16, 2, 40, 70),
+                                      "normal": (0.25, 1536, 1280, 64, 6, 160, 70),
+                                      "real-coarse-tiff": (None, 300, 250, 16, 2, 30, 25)}[case]
+    if mpp is None:
+        src, slide = request.getfixturevalue("test_data") / "slides" / "boxes.tiff", "boxes"
+    else:
+        slide = f"slide_{case}"
+        src = tmp_path / f"{slide}.tif"
+        _write_slide(src, w, h, mpp)
+    assert tile_slides([src], tmp_path / "stores", TileConfig(tile_size=tile, tissue_threshold=0.0),
+                       client=dask_client).ok
+    polys = _random_regions(np.random.default_rng(5), w, h, n, rmin, rmax)
     _geojson(tmp_path / f"{slide}.tumor.geojson", polys)
-    index = zarr.open_group(str(tmp_path / "stores" / f"{slide}.zarr"), mode="r")["tiles/index"][:]
-    assert len(index) == (w // tile) * (h // tile)
+    g = zarr.open_group(str(tmp_path / "stores" / f"{slide}.zarr"), mode="r")
+    index = g["tiles/index"][:]
+    assert g.attrs["hpcpath"]["slide"]["level_dimensions"][0] == [w, h]
+    assert len(index) == (w // tile) * (h // tile) or case == "real-coarse-tiff"
     ref = _shapely_reference(index.astype(np.float64), tile, CAMELYON_CENTRE_FRACTION, polys)
     sure = ref >= 0
-    assert (ref == 1).sum() > 100 and (ref == 0).sum() > 100
+    assert (ref == 1).sum() > 30 and (ref == 0).sum() > 30
     labels, info = _build_labels(tmp_path, slide, "tile-px", dask_client)
     assert info["label_downsample"] == 1.0  # one label px per tile px (level-0 tiling)
     assert int((labels[sure] != ref[sure]).sum()) == 0
     assert (ref == -1).mean() < 0.25  # the band is a minority of tiles
-    if case == "coarse-level-0":
+    if case != "normal":
         # the old fixed raster (4 level-0 px) misses surely-positive patches here
         old, _ = _build_labels(tmp_path, slide, "fixed-4", dask_client, label_downsample=4.0)
-        assert int((old[sure] != ref[sure]).sum()) > 10
+        assert int((old[sure] != ref[sure]).sum()) >= 3
