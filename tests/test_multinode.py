@@ -200,6 +200,10 @@ def test_tile_sbatch_on_two_nodes_equals_local(local_slurm2, slides, local_store
         cwd=shared_tmp)
     assert (state, code) == ("COMPLETED", "0:0"), log
     assert "2 tiled" in log and "scheduler on 10.77.0.11" in log, log
+    # the dashboard on the batch node n1, and the tunnel a user on a laptop needs to reach it
+    login = socket.gethostname().split(".")[0]
+    assert "dashboard http://10.77.0.11:8787/status" in log, log
+    assert f"dashboard from your machine: ssh -N -L 8787:n1:8787 {login}" in log, log
     (job_dir,) = (shared_tmp / ".hpcpath").iterdir()
     work = _work_per_host(job_dir)
     assert sorted(work) == ["n1", "n2"] and all(work.values()), work  # both nodes did tasks
