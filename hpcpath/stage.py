@@ -47,17 +47,19 @@ def run_per_slide(
     *,
     stage: str,
     key: str = "",
+    label: str = "",
     on_task: Callable[[str, str, int], None] | None = None,
 ) -> None:
     """Run every slide's plan, its expanded tasks, then ``finish``.
 
     A plan returning ``{"error": msg}`` (a user problem reported as a value, so workers log
     no traceback) or raising fails that slide; so does any follow-up task that raises.
-    ``stage`` names the plan tasks (``<stage>-plan``) and the run on hpcpath's dashboard page.
+    ``stage`` names the plan tasks (``<stage>-plan``) and, with ``label`` (its output), the
+    run on hpcpath's dashboard page.
     """
     from distributed import as_completed
 
-    progress = RunProgress(client, stage, key, len(plans))
+    progress = RunProgress(client, stage, key, len(plans), label=label)
     done = finish
 
     def finish(sid: str, out: Outcome) -> None:

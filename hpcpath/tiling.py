@@ -514,5 +514,5 @@ def tile_slides(
         if kind == "tiles":
             emit("tiles", {"slide_id": sid, "n": n})
 
-    run_per_slide(client, plans, expand, finish, stage="tile", key=key, on_task=on_task)
+    run_per_slide(client, plans, expand, finish, stage="tile", key=key, label=str(out), on_task=on_task)
     return RunResult(out, records, manifest.path)

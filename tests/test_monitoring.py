@@ -71,12 +71,14 @@ def test_dashboard_lines_add_a_tunnel_only_where_the_user_is_elsewhere():
 
 
 def test_run_page_counts_and_escapes():
-    page = render_page([{"stage": "tile", "run": "r1", "total": 10, "done": 6, "failed": 1,
-                         "started": time.time() - 5, "finished": None,
+    page = render_page([{"stage": "tile", "run": "r1", "label": "out/", "total": 10, "done": 6,
+                         "failed": 1, "started": time.time() - 70, "finished": None,
                          "failures": [["<b>bad</b>", "not a slide"]], "recent": []}])
     assert "6 done" in page and "1 failed" in page and "3 remaining" in page
     assert "&lt;b&gt;bad&lt;/b&gt;" in page and "<b>bad</b>:" not in page
     assert 'style="width:60.0%"' in page
+    assert '<section class="run running">' in page and "out/" in page
+    assert "about 30 s left" in page  # 7 slides in 70 s: 3 more take about 30 s
 
 
 def test_dashboard_link_honours_distributed_template(monkeypatch):

@@ -74,11 +74,11 @@ class RunProgress:
     """
 
     def __init__(self, client: Client | None, stage: str, run: str, total: int,
-                 *, interval: float = 0.5) -> None:
+                 *, label: str = "", interval: float = 0.5) -> None:
         self.client = client
         self.interval = interval
         self.state: dict[str, Any] = {
-            "stage": stage, "run": run, "total": int(total), "done": 0, "failed": 0,
+            "stage": stage, "run": run, "label": label, "total": int(total), "done": 0, "failed": 0,
             "started": time.time(), "updated": time.time(), "finished": None,
             "failures": [], "recent": [],
         }
@@ -170,13 +170,16 @@ def render_page(runs: list[Mapping[str, Any]]) -> str:
         pct = (lambda n: 100.0 * n / total if total else 0.0)
         bar = (f'<div class="bar"><span class="done" style="width:{pct(done):.1f}%"></span>'
                f'<span class="failed" style="width:{pct(failed):.1f}%"></span></div>')
-        state = "finished" if ended else "running"
+        status = state = "finished" if ended else "running"
+        if not ended and done + failed and left:  # slides so far say how long the rest takes
+            state += f" &middot; about {secs / (done + failed) * left:,.0f} s left"
+        label = html.escape(str(r.get("label") or r["run"]))
         fails = "".join(
             f"<li><b>{html.escape(str(s))}</b>: {html.escape(str(e))}</li>" for s, e in r["failures"]
         )
         rows.append(
-            f'<section class="run {state}"><h2>{html.escape(r["stage"])} '
-            f'<small>{html.escape(r["run"])} &middot; {state} &middot; {secs:,.0f} s</small></h2>'
+            f'<section class="run {status}"><h2>{html.escape(r["stage"])} '
+            f'<small>{label} &middot; {secs:,.0f} s &middot; {state}</small></h2>'
             f'{bar}<p class="counts"><span class="n-done">{done} done</span> &middot; '
             f'<span class="n-failed">{failed} failed</span> &middot; '
             f'<span class="n-left">{left} remaining</span> of {total} slides</p>'

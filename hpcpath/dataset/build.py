@@ -392,7 +392,7 @@ def build_dataset(
                          "warnings": _first_warnings(o.plan.get("warnings", []))}
             emit("slide", {"slide_id": sid, **done[sid]})
 
-    run_per_slide(client, plans, expand, finish, stage="dataset", key=cfg.name)
+    run_per_slide(client, plans, expand, finish, stage="dataset", key=cfg.name, label=str(out))
 
     ids = sorted(done)
     patient = _patients(cfg, ids)

@@ -125,7 +125,7 @@ def build_image_dataset(
             failed[s] = o.error
             emit("failed", {"slide_id": s, "error": o.error})
 
-    run_per_slide(client, plans, expand, finish, stage="images", key=name)
+    run_per_slide(client, plans, expand, finish, stage="images", key=name, label=str(out_dir))
     if failed:
         split, err = next(iter(failed.items()))
         raise HpcpathError(f"{split} split failed: {err}", csv)

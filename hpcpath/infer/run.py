@@ -285,5 +285,5 @@ def infer_slides(
         if kind == "windows":
             emit("windows", {"slide_id": sid, "n": n})
 
-    run_per_slide(client, plans, expand, finish, stage="predict", key=run, on_task=on_task)
+    run_per_slide(client, plans, expand, finish, stage="predict", key=run, label=str(out), on_task=on_task)
     return InferResult(out, name, rows, summary_path, tasks_path)
