@@ -29,7 +29,7 @@ from hpcpath.infer import infer_slides
 from hpcpath.synth import make_cohort
 from hpcpath.tiling import tile_slides
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / "bin" / "local-slurm"
@@ -168,6 +168,7 @@ def _same_predictions(stores_a: Path, out_a: Path, stores_b: Path, out_b: Path) 
 
 
 # ----------------------------------------------------------------------------- the cluster
+@slow
 def test_nodes_have_own_hostname_address_and_tmp(local_slurm2, shared_tmp):
     out = _run(
         _env(local_slurm2),
@@ -192,6 +193,7 @@ def _work_per_host(job_dir: Path) -> dict[str, int]:
     return per_host
 
 
+@slow
 def test_tile_sbatch_on_two_nodes_equals_local(local_slurm2, slides, local_stores, shared_tmp):
     state, code, log = _sbatch(
         _env(local_slurm2),
@@ -211,6 +213,7 @@ def test_tile_sbatch_on_two_nodes_equals_local(local_slurm2, slides, local_store
     _same_stores(shared_tmp / "out", local_stores)
 
 
+@slow
 def test_infer_sbatch_on_two_nodes_equals_local(local_slurm2, local_stores, model, local_infer, shared_tmp):
     stores = shutil.copytree(local_stores, shared_tmp / "stores")
     state, code, log = _sbatch(
@@ -228,6 +231,7 @@ def test_infer_sbatch_on_two_nodes_equals_local(local_slurm2, local_stores, mode
     _same_predictions(stores, shared_tmp / "out", *local_infer)
 
 
+@slow
 def test_workers_that_never_come_fail_the_job_with_one_line(local_slurm2, slides, shared_tmp):
     """A job folder on a node-local path: n2's worker cannot read the scheduler file."""
     env = _env(local_slurm2, HPCPATH_JOB_DIR="/tmp/hpcpath-job", HPCPATH_WORKER_TIMEOUT="20")
@@ -242,6 +246,7 @@ def test_workers_that_never_come_fail_the_job_with_one_line(local_slurm2, slides
 
 
 # ----------------------------------------------------------------------------- dask-jobqueue
+@slow
 def test_jobqueue_workers_on_both_nodes(local_slurm2, slides, local_stores, shared_tmp, monkeypatch):
     """`--cluster slurm`: the scheduler here (the login node), one worker job per node."""
     for key, value in local_slurm2.items():
@@ -264,6 +269,7 @@ def test_jobqueue_workers_on_both_nodes(local_slurm2, slides, local_stores, shar
 
 
 # ----------------------------------------------------------------------------- a lost node
+@slow
 def test_node_lost_mid_inference_other_node_finishes(local_slurm2, local_stores, model, local_infer, shared_tmp):
     """n2 crashes (down, every process on it killed) while it predicts: n1 redoes its tasks."""
     from distributed import Client
@@ -311,6 +317,44 @@ def test_node_lost_mid_inference_other_node_finishes(local_slurm2, local_stores,
     assert [t["host"] for t in tasks if t["slide_id"] == sid and t["task"] == k] == ["n1"]
     assert "tasks per node: n1" in log and "n2" not in log.split("tasks per node:")[1]
     _same_predictions(stores, shared_tmp / "out", *local_infer)
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_allocation_doctests():
+    import doctest
+
+    import hpcpath.cluster.allocation as allocation
+
+    res = doctest.testmod(allocation)
+    assert res.attempted >= 8 and not res.failed
+
+
+def test_contact_address_rules():
+    from hpcpath.cluster.allocation import choose_address
+    from hpcpath.errors import ClusterError
+
+    ifaces = {"lo": ["127.0.0.1"], "eth0": ["10.77.0.11"], "ib0": []}
+    assert choose_address("eth0", ifaces, "127.0.0.1") == "10.77.0.11"  # interface wins
+    assert choose_address(None, ifaces, "127.0.0.1", multi_node=False) == "127.0.0.1"
+    assert choose_address(None, ifaces, "n1", ["10.77.0.11"]) == "10.77.0.11"
+    for args, kw, words in [
+        (("ib0", ifaces), {}, "has no IPv4 address"),
+        ((None, ifaces, "127.0.0.1"), {}, "loopback"),
+        ((None, ifaces, "cn9", []), {}, "does not resolve"),
+        ((None, ifaces), {}, "set HPCPATH_INTERFACE"),
+    ]:
+        with pytest.raises(ClusterError, match=words) as err:
+            choose_address(*args, **kw)
+        assert "\n" not in str(err.value)
+
+
+def test_bad_interface_is_one_line_not_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "hpcpath.cluster.allocation", "address"],
+                          env={**os.environ, "HPCPATH_INTERFACE": "ib9"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("hpcpath: error: HPCPATH_INTERFACE=ib9: ")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # ----------------------------------------------------------------------------- documentation
