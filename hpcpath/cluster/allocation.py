@@ -40,6 +40,7 @@ from hpcpath.errors import ClusterError
 __all__ = [
     "choose_address",
     "contact_address",
+    "slurm_node_address",
     "job_dir",
     "pin_gpu",
     "worker_command",
@@ -172,6 +173,16 @@ def contact_address(env: Mapping[str, str] | None = None, *, multi_node: bool | 
     resolved = _resolve(node_addr) if node_addr and not _is_ip(node_addr) else []
     return choose_address(interface, _interfaces(), node_addr, resolved,
                           multi_node=multi_node, node=node)
+
+
+def slurm_node_address(node: str, *, multi_node: bool = True) -> str:
+    """The address another node dials to reach ``node``, from Slurm's ``NodeAddr`` (for a
+    node other than this one, where its interfaces cannot be asked)."""
+    node_addr = _slurm_node_addr(node)
+    if node_addr is None:
+        raise ClusterError(f"scontrol show node {node}: no NodeAddr (not a Slurm node?)")
+    resolved = [] if _is_ip(node_addr) else _resolve(node_addr)
+    return choose_address(None, {}, node_addr, resolved, multi_node=multi_node, node=node)
 
 
 def job_dir(env: Mapping[str, str] | None = None) -> Path:
