@@ -33,6 +33,7 @@ from hpcpath.errors import HpcpathError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
+from hpcpath.runlock import run_lock
 from hpcpath.stage import one_line, run_per_slide, task_key
 from hpcpath.store import INDEX_COLUMNS, check_output_dir, is_complete, mark_complete, ngff_multiscales, remove_store, store_path
 from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
@@ -462,57 +463,58 @@ def tile_slides(
     client = client or default_client()
     out = Path(out_dir)
     check_output_dir(out)
-    emit = on_event or (lambda kind, info: None)
-    manifest = Manifest.load(out)
-    paths = discover_slides(inputs)
-    dups = duplicate_ids(paths)
-    key = cfg.params_key()
-    records: list[SlideRecord] = []
-    sources: dict[str, Path] = {}
+    with run_lock(out, "hpcpath tile"):  # a second run on OUT is refused, never interleaved
+        emit = on_event or (lambda kind, info: None)
+        manifest = Manifest.load(out)
+        paths = discover_slides(inputs)
+        dups = duplicate_ids(paths)
+        key = cfg.params_key()
+        records: list[SlideRecord] = []
+        sources: dict[str, Path] = {}
 
-    def record(rec: SlideRecord) -> None:
-        records.append(rec)
-        manifest.update(rec)
-        manifest.save()
-        emit("slide", {"record": rec})
+        def record(rec: SlideRecord) -> None:
+            records.append(rec)
+            manifest.update(rec)
+            manifest.save()
+            emit("slide", {"record": rec})
 
-    plans: dict[str, tuple[Callable, tuple]] = {}
-    for p in paths:
-        sid = slide_id_for(p)
-        if sid in dups:
-            record(SlideRecord.failure(sid, p, f"slide id {sid!r} is shared by {len(dups[sid])} inputs"))
-            continue
-        if is_complete(store_path(out, sid), key):
-            prev = manifest.slides.get(sid)
-            tiles = prev.tiles if prev else None
-            status = prev.status if prev and prev.status == "empty" else "complete"
-            record(SlideRecord(sid, str(p), status, tiles, 0.0, prev.error if prev else None, key, reused=True))
-            continue
-        sources[sid] = p
-        plans[sid] = (plan_slide, (str(p), str(out), cfg))
-    emit("start", {"slides": len(paths), "submitted": len(plans)})
+        plans: dict[str, tuple[Callable, tuple]] = {}
+        for p in paths:
+            sid = slide_id_for(p)
+            if sid in dups:
+                record(SlideRecord.failure(sid, p, f"slide id {sid!r} is shared by {len(dups[sid])} inputs"))
+                continue
+            if is_complete(store_path(out, sid), key):
+                prev = manifest.slides.get(sid)
+                tiles = prev.tiles if prev else None
+                status = prev.status if prev and prev.status == "empty" else "complete"
+                record(SlideRecord(sid, str(p), status, tiles, 0.0, prev.error if prev else None, key, reused=True))
+                continue
+            sources[sid] = p
+            plans[sid] = (plan_slide, (str(p), str(out), cfg))
+        emit("start", {"slides": len(paths), "submitted": len(plans)})
 
-    def expand(sid: str, plan: dict) -> list:
-        emit("plan", {"slide_id": sid, "n_tiles": plan["n_tiles"]})
-        return _submit_slide_tasks(client, cfg, sources[sid], plan, key)
+        def expand(sid: str, plan: dict) -> list:
+            emit("plan", {"slide_id": sid, "n_tiles": plan["n_tiles"]})
+            return _submit_slide_tasks(client, cfg, sources[sid], plan, key)
 
-    def finish(sid: str, o) -> None:
-        p = sources[sid]
-        if o.error is None:
-            try:
-                finalize_store(o.plan["store"], o.plan["n_tiles"], o.sums.get("tiles", 0))
-            except Exception as exc:  # noqa: BLE001
-                o.error = one_line(exc)
-        if o.error is not None:
-            record(SlideRecord.failure(sid, p, o.error, o.seconds))
-        elif o.plan.get("empty_reason"):
-            record(SlideRecord(sid, str(p), "empty", 0, o.seconds, o.plan["empty_reason"], key))
-        else:
-            record(SlideRecord(sid, str(p), "complete", o.plan["n_tiles"], o.seconds, None, key))
+        def finish(sid: str, o) -> None:
+            p = sources[sid]
+            if o.error is None:
+                try:
+                    finalize_store(o.plan["store"], o.plan["n_tiles"], o.sums.get("tiles", 0))
+                except Exception as exc:  # noqa: BLE001
+                    o.error = one_line(exc)
+            if o.error is not None:
+                record(SlideRecord.failure(sid, p, o.error, o.seconds))
+            elif o.plan.get("empty_reason"):
+                record(SlideRecord(sid, str(p), "empty", 0, o.seconds, o.plan["empty_reason"], key))
+            else:
+                record(SlideRecord(sid, str(p), "complete", o.plan["n_tiles"], o.seconds, None, key))
 
-    def on_task(sid: str, kind: str, n: int) -> None:
-        if kind == "tiles":
-            emit("tiles", {"slide_id": sid, "n": n})
+        def on_task(sid: str, kind: str, n: int) -> None:
+            if kind == "tiles":
+                emit("tiles", {"slide_id": sid, "n": n})
 
-    run_per_slide(client, plans, expand, finish, stage="tile", key=key, label=str(out), on_task=on_task)
-    return RunResult(out, records, manifest.path)
+        run_per_slide(client, plans, expand, finish, stage="tile", key=key, label=str(out), on_task=on_task)
+        return RunResult(out, records, manifest.path)

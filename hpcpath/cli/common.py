@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,18 +30,28 @@ def echo_err(message: str) -> None:
 
 
 @contextmanager
-def dask_session(cluster: object, workers: int | None,
-                 out_dir: str | Path | None = None) -> Iterator[Client]:
+def dask_session(cluster: object, workers: int | None, out_dir: str | Path | None = None,
+                 *, lock: str | None = None, lock_name: str | None = None) -> Iterator[Client]:
     """The Dask client a command runs on: the cluster started (or joined), hpcpath's page
     added to its dashboard, the dashboard link (and the ssh tunnel to it) printed, and the
-    workers' own output sent to ``OUT/hpcpath-logs/`` rather than the terminal."""
+    workers' own output sent to ``OUT/hpcpath-logs/`` rather than the terminal.
+
+    With ``lock`` (the command's name) ``OUT`` is checked writable and locked first, so a
+    second run on the same folder is refused in one line before any cluster starts."""
     from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
     from hpcpath.cluster.monitor import (LOG_FOLDER, dashboard_lines, install_dashboard_page,
                                          install_worker_log)
     from hpcpath.cluster.spec import SlurmSpec
 
     spec = parse_cluster_spec(cluster)
-    with cluster_client(spec, n_workers_override=workers) as client:
+    with ExitStack() as stack:
+        if lock and out_dir is not None:
+            from hpcpath.runlock import LOCK_NAME, run_lock
+            from hpcpath.store import check_output_dir
+
+            stack.enter_context(run_lock(check_output_dir(out_dir), f"hpcpath {lock}",
+                                         lock_name or LOCK_NAME))
+        client = stack.enter_context(cluster_client(spec, n_workers_override=workers))
         if out_dir is not None:
             install_worker_log(client, Path(out_dir) / LOG_FOLDER)
         install_dashboard_page(client)

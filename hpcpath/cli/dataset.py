@@ -66,7 +66,8 @@ def build(stores, annotations, out, config_file, name, rule, classes, labels, ex
         elif kind == "warning":
             click.echo(f"hpcpath: warning: {info['warning']}", err=True)
 
-    with dask_session(cluster, workers, Path(out).parent) as client:
+    with dask_session(cluster, workers, Path(out).parent, lock="dataset build",
+                      lock_name=f".hpcpath-lock-{Path(out).name}") as client:
         res = build_dataset(list(stores), list(annotations), out, cfg, slide_dirs=list(slide_dirs),
                             client=client, on_event=report)
     click.echo(f"hpcpath: dataset {res.manifest}: {len(res.slides)} slides, {len(res.failed)} failed", err=True)
@@ -88,7 +89,7 @@ def images(csv, image_dir, out, name, size, classes, seed, cluster, workers):
     """An image folder + multi-label CSV as a dataset, split by patient."""
     from hpcpath.dataset import build_image_dataset
 
-    with dask_session(cluster, workers, out) as client:
+    with dask_session(cluster, workers, out, lock="dataset images") as client:
         path = build_image_dataset(csv, image_dir, out, name=name, classes=classes or None,
                                    size=size, seed=seed, client=client)
     _print_info(path)

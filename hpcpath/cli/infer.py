@@ -86,7 +86,7 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     cfg = InferConfig.load(config_file, **options)
     check_model(model_dir, cfg)
     spec = parse_cluster_spec(cluster)
-    with dask_session(spec, workers, out_dir) as client:
+    with dask_session(spec, workers, out_dir, lock="infer") as client:
         if wait_workers > 1:
             try:
                 client.wait_for_workers(wait_workers, timeout=getattr(spec, "worker_timeout", 60))

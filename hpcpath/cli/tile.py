@@ -39,7 +39,7 @@ def tile(inputs, out_dir, config_file, allow_empty, cluster, workers, **options)
     from hpcpath.tiling import tile_slides
 
     cfg = TileConfig.load(config_file, **options)
-    with dask_session(cluster, workers, out_dir) as client:
+    with dask_session(cluster, workers, out_dir, lock="tile") as client:
         progress = Progress()
         try:
             result = tile_slides(list(inputs), out_dir, cfg, client=client, on_event=progress)
