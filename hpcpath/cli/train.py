@@ -5,8 +5,11 @@ costs a second and one line, not a traceback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from hpcpath.cli.common import cluster_options
 from hpcpath.errors import ConfigError
 
 
@@ -112,16 +115,69 @@ def train(config, sets, dataset, engine, resume, out, epochs, batch_size, hard_n
 @click.argument("config", type=click.Path())
 @_common
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder (RUN/model).")
-@click.option("-o", "--out", "out_file", required=True, type=click.Path(), help="Hard-negatives JSON to write.")
-@click.option("--threshold", type=float, default=None, help="Score at or above which a negative is hard [mining.threshold].")
-def mine(config, sets, dataset, engine, model_dir, out_file, threshold):
-    """Score the train negatives with a model; write those scored >= THRESHOLD for the next round."""
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(),
+              help="Hard-negatives JSON to write; with --annotations, the round's folder.")
+@click.option("--threshold", type=float, default=None, help="Score at or above which a negative (or detection) is hard [mining.threshold].")
+@click.option("-a", "--annotations", multiple=True, type=click.Path(),
+              help="Points datasets: the truth files the dataset was built from. Detects over the whole "
+                   "train slides and adds the false positives far from every truth as negatives.")
+@click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides.")
+@click.option("--mode", type=click.Choice(["two-stage", "window"]), default="two-stage", show_default=True,
+              help="How the slides are searched (hpcpath infer --mode).")
+@click.option("--min-distance-px", type=float, default=None,
+              help="A false positive must be farther than this (level-0 px) from every truth [the dataset's negative distance].")
+@click.option("--max-per-slide", type=int, default=None, help="Keep at most the N highest-scored per slide.")
+@click.option("--retrain/--no-retrain", default=True, show_default=True,
+              help="Train CONFIG again on the extended dataset into OUT/train (with --annotations).")
+@cluster_options
+def mine(config, sets, dataset, engine, model_dir, out_file, threshold, annotations, slide_dirs,
+         mode, min_distance_px, max_per_slide, retrain, cluster, workers):
+    """Hard-negative mining.  Without --annotations: score the dataset's train negatives with
+    a model and write those scored >= THRESHOLD for the next round (hpcpath train
+    --hard-negatives).  With --annotations (points datasets): one whole round as the seeds do
+    it -- detect over every train slide, append the detections far from any true point as
+    negatives to a new dataset (OUT/dataset.json, OUT/hard-negatives.json) and retrain into
+    OUT/train."""
     from hpcpath.config import TrainConfig
 
     cfg = TrainConfig.load(config, _overrides(sets, dataset=dataset, engine=engine))
+    if annotations:
+        _mine_slides(cfg, model_dir, out_file, threshold, annotations, slide_dirs, mode,
+                     min_distance_px, max_per_slide, retrain, cluster, workers)
+        return
     _quiet_tensorflow()
     from hpcpath.train import mine as run
 
     doc = run(cfg, model_dir, out_file, threshold=threshold)
     click.echo(f"hpcpath mine: {len(doc['items'])} of {doc['negatives_scored']} negatives scored "
                f">= {doc['threshold']} -> {out_file}", err=True)
+
+
+def _mine_slides(cfg, model_dir, out_dir, threshold, annotations, slide_dirs, mode,
+                 min_distance_px, max_per_slide, retrain, cluster, workers):
+    from hpcpath.cli.common import dask_session
+    from hpcpath.config import InferConfig
+    from hpcpath.infer.run import check_model
+    from hpcpath.train.mining import mine_slides
+
+    icfg = InferConfig(mode=mode)
+    check_model(model_dir, icfg)
+    with dask_session(cluster, workers, out_dir) as client:
+        res = mine_slides(cfg, model_dir, out_dir, list(annotations), slide_dirs=list(slide_dirs),
+                          infer_cfg=icfg, threshold=threshold, min_distance_px=min_distance_px,
+                          max_per_slide=max_per_slide, retrain=False, client=client)
+    n_det = sum(p["detections"] for p in res["per_slide"])
+    click.echo(f"hpcpath mine: {res['hard_negatives']} of {n_det} detections on "
+               f"{len(res['per_slide'])} train slides are far from every truth -> "
+               f"{res['manifest']}, {res['hard_negatives_file']}", err=True)
+    if retrain:
+        _quiet_tensorflow()
+        from hpcpath.train import train as run
+
+        cfg2 = cfg.model_copy(update={"dataset": res["manifest"], "out": str(Path(out_dir) / "train"),
+                                      "hard_negatives": res["hard_negatives_file"]})
+        result = run(cfg2)
+        click.echo(f"hpcpath mine: retrained -> {result.model_dir}", err=True)
+    else:
+        click.echo(f"hpcpath mine: next: hpcpath train CONFIG --dataset {res['manifest']} "
+                   f"--hard-negatives {res['hard_negatives_file']}", err=True)

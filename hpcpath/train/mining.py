@@ -7,6 +7,12 @@ scores a contiguous block of the negatives (whole chunks), the scores are gather
 ranks agree on the same hard list.  Standalone (``hpcpath mine``), the list is written as
 ``hpcpath-hard-negatives/1`` JSON naming items by slide and row, which ``hard_negatives:``
 in a train config (or ``hpcpath train --hard-negatives``) reads back.
+
+For points datasets (mitoses) the negatives in the dataset are a random draw of tissue
+spots, so the model's real mistakes -- dark nuclei, debris -- may never be in it.  A slide
+round (:func:`mine_slides`, ``hpcpath mine --annotations``) does what the seeds do: detect
+over the whole training slides, take the detections far from every true mitosis, append
+them to a new dataset as negatives, and retrain on it with those items oversampled.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import numpy as np
 
 from hpcpath.errors import HpcpathError
 
-__all__ = ["score_negatives", "hard_negative_indices", "mine", "load_hard_negatives"]
+__all__ = ["score_negatives", "hard_negative_indices", "mine", "load_hard_negatives",
+           "mine_slides", "far_false_positives", "extend_points_dataset"]
 
 FORMAT = "hpcpath-hard-negatives/1"
 
@@ -110,3 +117,210 @@ def load_hard_negatives(path: str | os.PathLike, train) -> np.ndarray:
             raise HpcpathError(f"item {slide}:{item} is not in the train split of this dataset", path)
         out.append(i)
     return np.asarray(sorted(out), np.int64)
+
+
+# ----------------------------------------------------------------------------- slide rounds
+def _truth_points(ann_files, dcfg) -> np.ndarray:
+    """(N, 2) level-0 points of the dataset's positive classes in ``ann_files`` (the same
+    per-file class rule ``hpcpath dataset build --rule points`` applies)."""
+    from hpcpath.annotations import read_annotations
+    from hpcpath.dataset.build import _MASK_SUFFIXES, _positive_labels
+
+    out = []
+    for f in ann_files:
+        if Path(f).suffix.lower() in _MASK_SUFFIXES:
+            continue  # region masks hold no points
+        a = read_annotations(f, label_map=dcfg.label_map)
+        keep = _positive_labels(dcfg, [p.label for p in a.points])
+        out += [[p.x, p.y] for p in a.points if p.label in keep]
+    return np.unique(np.asarray(out, np.float64).reshape(-1, 2), axis=0)  # CSV + GeoJSON: once
+
+
+def far_false_positives(det: np.ndarray, truth: np.ndarray, min_distance: float) -> np.ndarray:
+    """Indices of the detections (``(N, >=2)`` x, y, ...) farther than ``min_distance`` from
+    every truth point: false positives that cannot be a displaced hit on a real mitosis."""
+    det = np.asarray(det, np.float64)
+    if det.size == 0:
+        return np.zeros(0, np.int64)
+    det = det.reshape(len(det), -1)
+    if len(truth) == 0:
+        return np.arange(len(det))
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(np.asarray(truth, np.float64)).query(det[:, :2])
+    return np.flatnonzero(d > min_distance)
+
+
+def extend_points_dataset(store: str, slide_path: str | None, name: str, new: str,
+                          centres: np.ndarray, scores: np.ndarray) -> dict:
+    """Worker task: ``datasets/<new>`` in ``store`` = every item of ``datasets/<name>``
+    followed by one negative per centre (patch pixels read from the slide at the item's
+    level-0 centre, context patches too), marked complete last.  Returns the new counts."""
+    import zarr
+
+    from hpcpath.codecs import array_codecs
+    from hpcpath.store import mark_complete
+
+    root = zarr.open_group(store, mode="r+")
+    old = root[f"datasets/{name}"]
+    info = dict(old.attrs["hpcpath_dataset"])
+    k0, k = int(info["items"]), len(centres)
+    group = root["datasets"]
+    if new in group:
+        del group[new]
+    g = group.create_group(new)
+    arrays = ["labels", "centres", "item_index", "rotation"] + [
+        a for a in ("images", *(f"context/{r:g}" for r in info["config"].get("context_downsamples", ())))
+        if a in old]
+    extra = {"labels": np.zeros(k, np.uint8), "centres": np.asarray(centres, np.float64).reshape(-1, 2),
+             "item_index": np.full(k, -1, np.int64), "rotation": np.zeros(k, np.int8)}
+    if k and any(a == "images" or a.startswith("context/") for a in arrays):
+        if not slide_path:
+            raise HpcpathError("the slide file is needed to read hard-negative patches (pass --slides)", store)
+        from hpcpath.io import open_slide
+
+        slide = open_slide(slide_path, cached=True)
+        t, ds0 = info["patch_size"], info["patch_downsample"]
+        for a in arrays:
+            if a == "images" or a.startswith("context/"):
+                ds = ds0 * (1.0 if a == "images" else float(a.split("/", 1)[1]))
+                extra[a] = np.stack([slide.read_scaled(cx - t * ds / 2, cy - t * ds / 2, t, t, ds)
+                                     for cx, cy in extra["centres"]])
+    for a in arrays:
+        src = old[a]
+        data = src[:]
+        if a in extra:
+            data = np.concatenate([data, extra[a].astype(data.dtype).reshape(-1, *data.shape[1:])])
+        kw = array_codecs("blosc-lz4") if data.ndim == 4 else {}
+        g.create_array(a, data=data, chunks=(max(1, min(src.chunks[0], len(data))), *data.shape[1:]), **kw)
+    info.update(complete=False, items=k0 + k, positives=int(info["positives"]),
+                mined={"from": name, "hard_negatives": k, "first_item": k0,
+                       "scores": [round(float(s), 6) for s in scores]})
+    g.attrs["hpcpath_dataset"] = info
+    mark_complete(store, f"datasets/{new}", "hpcpath_dataset")
+    return {"items": k0 + k, "positives": int(info["positives"]), "added": k, "first_item": k0}
+
+
+def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, annotations,
+                *, slide_dirs=(), infer_cfg=None, threshold: float | None = None,
+                min_distance_px: float | None = None, max_per_slide: int | None = None,
+                name: str | None = None, retrain: bool = True, client=None,
+                on_event=None) -> dict:
+    """One round of hard-negative mining as the seeds do it, for a points dataset:
+
+    1. detect with the model over every *train* slide of ``cfg.dataset`` (``hpcpath infer``,
+       two-stage by default, detections ``>= threshold``) into ``OUT/detections``;
+    2. keep the false positives farther than the dataset's negative distance
+       (``min_distance_px``, as the dataset build scaled it to the slide) from every truth
+       point of ``annotations`` (the files the dataset was built from);
+    3. write dataset ``<name>-mined`` (every old item, those hard negatives appended, patches
+       read from the slide) and its manifest ``OUT/dataset.json``, plus
+       ``OUT/hard-negatives.json`` listing the new items (oversampled ``mining.oversample``
+       times per epoch);
+    4. with ``retrain``, train the config again on them into ``OUT/train``.
+
+    Returns a summary dict (``manifest``, ``hard_negatives``, ``per_slide``, ``model_dir``).
+    """
+    from hpcpath.annotations import match_annotations
+    from hpcpath.config import DatasetConfig, InferConfig
+    from hpcpath.dataset.build import _is_annotation
+    from hpcpath.infer import infer_slides, open_predictions
+    from hpcpath.store import open_store, slide_source
+
+    emit = on_event or (lambda kind, info: None)
+    out = Path(out_dir)
+    manifest = Path(cfg.dataset)
+    try:
+        doc = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise HpcpathError(f"unreadable dataset manifest ({exc})", manifest) from None
+    if doc.get("rule") != "points":
+        raise HpcpathError(f"mining whole slides needs a points dataset (this one's rule is "
+                           f"{doc.get('rule')!r}); a tile dataset already holds every tile: run "
+                           "hpcpath mine without --annotations", manifest)
+    slides = doc["slides"]
+    train = [s for s in slides if s["split"] == cfg.train_split]
+    if not train:
+        raise HpcpathError(f"no slide in split {cfg.train_split!r}", manifest)
+    stores = {s["slide_id"]: (manifest.parent / s["store"]).resolve() for s in slides}
+    ann: list[Path] = []
+    for a in annotations:
+        a = Path(a)
+        if not a.exists():
+            raise HpcpathError("no such annotation file or folder", a)
+        ann += sorted(c for c in a.iterdir() if _is_annotation(c)) if a.is_dir() else [a]
+    matched = match_annotations(list(stores), ann)
+    thr = cfg.mining.threshold if threshold is None else float(threshold)
+    icfg = (infer_cfg or InferConfig(mode="two-stage")).model_copy(
+        update={"name": (infer_cfg.name if infer_cfg and infer_cfg.name else "hpcpath-mine"),
+                "threshold": thr})
+    truths, dinfos = {}, {}
+    import zarr
+
+    for s in train:  # truth and dataset attributes first: a bad file fails before any work
+        sid = s["slide_id"]
+        g = zarr.open_group(str(stores[sid]), mode="r")[f"datasets/{doc['name']}"]
+        dinfos[sid] = dict(g.attrs["hpcpath_dataset"])
+        truths[sid] = _truth_points(matched[sid], DatasetConfig(**dinfos[sid]["config"]))
+    emit("detect", {"slides": len(train)})
+    res = infer_slides([stores[s["slide_id"]] for s in train], model_dir, out / "detections", icfg,
+                       client=client, slide_dirs=list(slide_dirs))
+    if not res.ok:
+        bad = res.failed[0]
+        raise HpcpathError(f"detection failed on {len(res.failed)} slide(s): {bad['error']}")
+    new = name or f"{doc['name']}-mined"
+    if new == doc["name"]:
+        raise HpcpathError(f"the mined dataset needs a new name (not {new!r})", manifest)
+    per_slide, futures, mined = [], {}, {}
+    for s in slides:
+        sid, st = s["slide_id"], stores[s["slide_id"]]
+        root_meta = open_store(st).meta
+        centres, scores = np.zeros((0, 2)), np.zeros(0)
+        mined[sid] = scores
+        if sid in truths:
+            dist = float(min_distance_px if min_distance_px is not None
+                         else dinfos[sid]["min_distance_px"])
+            det = open_predictions(st, icfg.name).detections
+            det = det[det[:, 2] >= thr] if len(det) else det.reshape(0, 3)
+            truth = truths[sid]
+            far = far_false_positives(det, truth, dist)
+            far = far[np.argsort(-det[far, 2], kind="stable")][:max_per_slide]
+            centres, scores = det[far, :2], det[far, 2]
+            mined[sid] = scores
+            per_slide.append({"slide_id": sid, "detections": int(len(det)), "truth": int(len(truth)),
+                              "hard_negatives": int(len(far)), "min_distance_px": dist})
+        src = slide_source(st, root_meta, [Path(d) for d in slide_dirs])
+        futures[sid] = client.submit(extend_points_dataset, str(st), str(src) if src else None,
+                                     doc["name"], new, centres, scores, pure=False)
+    counts = {sid: f.result() for sid, f in futures.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    new_doc = {**doc, "name": new, "mined": {"from": str(manifest), "model": str(model_dir),
+                                             "threshold": thr, "per_slide": per_slide},
+               "slides": [{**s, "store": os.path.relpath(stores[s["slide_id"]], out.resolve()),
+                           "items": counts[s["slide_id"]]["items"],
+                           "positives": counts[s["slide_id"]]["positives"]} for s in slides]}
+    new_manifest = out / "dataset.json"
+    _write_json(new_manifest, new_doc)
+    items = [[sid, int(c["first_item"] + i), round(float(sc), 6)]
+             for sid, c in sorted(counts.items()) for i, sc in enumerate(mined[sid])]
+    hard = {"format": FORMAT, "dataset": str(new_manifest), "name": new, "threshold": thr,
+            "source": "slides", "negatives_scored": int(sum(p["detections"] for p in per_slide)),
+            "items": items}
+    _write_json(out / "hard-negatives.json", hard)
+    summary = {"manifest": str(new_manifest), "hard_negatives_file": str(out / "hard-negatives.json"),
+               "hard_negatives": len(items), "per_slide": per_slide, "model_dir": None}
+    if retrain:
+        from hpcpath.train import train
+
+        cfg2 = cfg.model_copy(update={"dataset": str(new_manifest), "out": str(out / "train"),
+                                      "hard_negatives": str(out / "hard-negatives.json")})
+        emit("train", {"dataset": str(new_manifest)})
+        result = train(cfg2)
+        summary["model_dir"] = str(result.model_dir) if result.model_dir else None
+    return summary
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
