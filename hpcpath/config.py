@@ -26,6 +26,11 @@ __all__ = ["TileConfig", "DatasetConfig", "InferConfig", "AugmentConfig", "Split
 M = TypeVar("M", bound=BaseModel)
 
 
+
+# A dataset or prediction name is a folder (Zarr group) inside every store: one component,
+# never "." or ".." or hidden, never an option-like "-x".
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -126,7 +131,7 @@ CAMELYON_GROUPS = {"_0": "Tumor", "_1": "Tumor", "_2": "Exclusion", "metastases"
 class DatasetConfig(_Frozen):
     """How slide stores plus annotations become a labelled patch dataset."""
 
-    name: str = Field("tumor", pattern=r"^[A-Za-z0-9_.-]+$", description="dataset name in the stores")
+    name: str = Field("tumor", pattern=NAME_PATTERN, description="dataset name in the stores")
     rule: Literal["centre", "fraction", "points"] = "centre"
     classes: tuple[str, ...] = Field(
         ("Tumor",), description="annotation classes counted as positive (masks: any value > 0)"
@@ -292,7 +297,7 @@ class InferConfig(_Frozen):
     they say level-0; field docs double as the CLI help."""
 
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$",
+        None, pattern=NAME_PATTERN,
         description="predictions/<name> in each store (default: the model folder's name)",
     )
     mode: Literal["window", "two-stage"] = Field(

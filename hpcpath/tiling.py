@@ -481,8 +481,9 @@ def tile_slides(
         plans: dict[str, tuple[Callable, tuple]] = {}
         for p in paths:
             sid = slide_id_for(p)
-            if sid in dups:
-                record(SlideRecord.failure(sid, p, f"slide id {sid!r} is shared by {len(dups[sid])} inputs"))
+            if sid.casefold() in dups:
+                record(SlideRecord.failure(sid, p, f"slide id {sid!r} is shared by "
+                                                   f"{len(dups[sid.casefold()])} inputs"))
                 continue
             if is_complete(store_path(out, sid), key):
                 prev = manifest.slides.get(sid)

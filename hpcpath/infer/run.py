@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from hpcpath.config import InferConfig, TileConfig
+from hpcpath.config import NAME_PATTERN, InferConfig, TileConfig
 from hpcpath.errors import HpcpathError, OutputError
 from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS, read_table, write_table
 from hpcpath.infer.predictions import open_predictions, predictions_complete
@@ -61,11 +61,21 @@ class InferResult:
 
 
 def prediction_name(model_dir: str | os.PathLike, name: str | None = None) -> str:
-    """``name``, or the model folder's name made safe for a Zarr group."""
+    """``name``, else the name of the dataset the model was trained on (its metadata's
+    ``extra.dataset_name``, so ``hpcpath evaluate heatmaps --name tumor`` finds a model
+    trained on ``tumor``), else the model folder's name made safe for a Zarr group."""
     if name:
         return name
-    base = Path(model_dir).resolve().name
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "model"
+    from hpcpath.modelio import load_meta
+
+    try:
+        trained_on = load_meta(model_dir).extra.get("dataset_name")
+    except HpcpathError:
+        trained_on = None
+    if isinstance(trained_on, str) and re.fullmatch(NAME_PATTERN, trained_on):
+        return trained_on
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(model_dir).resolve().name)[:100]
+    return base if re.fullmatch(NAME_PATTERN, base) else f"_{base[1:]}" if base else "model"
 
 
 

@@ -74,8 +74,9 @@ def discover_slides(inputs: list[str | os.PathLike]) -> list[Path]:
 
 
 def duplicate_ids(paths: list[Path]) -> dict[str, list[Path]]:
-    """Slide ids shared by more than one path (their stores would collide)."""
+    """Slide ids shared by more than one path (their stores would collide), ids that differ
+    only in case included: they are one folder on a case-insensitive file system."""
     by_id: dict[str, list[Path]] = {}
     for p in paths:
-        by_id.setdefault(slide_id_for(p), []).append(p)
-    return {k: v for k, v in by_id.items() if len(v) > 1}
+        by_id.setdefault(slide_id_for(p).casefold(), []).append(p)
+    return {k: v for k, v in by_id.items() if len(v) > 1}  # keyed by the casefolded id

@@ -63,9 +63,41 @@ class SlideInfo:
 
 
 def slide_id_for(path: str | os.PathLike) -> str:
-    """The store name of a slide: its file stem (a DICOM series: its folder name)."""
+    """The store name of a slide: its file stem (a DICOM series: its folder name), made safe
+    to use as one file name (:func:`safe_name`)."""
     p = Path(path)
-    return p.name if p.is_dir() else p.stem
+    return safe_name(p.name if p.is_dir() else p.stem)
+
+
+_NAME_PUNCT = frozenset(" ._-+,=@()[]")
+_NAME_MAX = 100  # UTF-8 bytes; file systems allow 255 for the whole name (".zarr", suffixes)
+
+
+def safe_name(raw: str) -> str:
+    """``raw`` as one safe path component: no separator, NUL, control or shell character, no
+    leading dot or dash (hidden files, options), at most 100 bytes (a long name keeps a hash
+    of the whole so two long names stay apart).  Compatibility forms are folded first (NFKC),
+    so a full-width solidus is a separator like any other.
+
+    >>> safe_name("../../etc/passwd"), safe_name("..") , safe_name("-rf"), safe_name("$(id)")
+    ('_._.._etc_passwd', '_.', '_rf', '_(id)')
+    >>> safe_name("test3-TRITC 2 (560)"), safe_name("a\uff0fb"), safe_name("")
+    ('test3-TRITC 2 (560)', 'a_b', '_')
+    >>> len(safe_name("x" * 300).encode()) <= 100
+    True
+    """
+    import hashlib
+    import unicodedata
+
+    name = unicodedata.normalize("NFKC", raw)
+    name = "".join(c if (c.isalnum() or c in _NAME_PUNCT) and c.isprintable() else "_" for c in name)
+    if not name or name[0] in ".-":
+        name = "_" + name[1:] if name else "_"
+    if len(name.encode()) > _NAME_MAX:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        cut = name.encode()[: _NAME_MAX - 11].decode("utf-8", "ignore")
+        name = f"{cut}~{digest}"
+    return name
 
 
 def _resolve_openslide_path(path: Path) -> Path:
