@@ -353,3 +353,54 @@ def test_plots_write_pngs(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     names = sorted(x.name for x in tmp_path.iterdir())
     assert names == ["f1.png", "froc.png", "roc.png", "roc3.png"]  # no temporaries left
+
+
+def test_quadratic_kappa_and_proliferation_cut_points():
+    from scipy.stats import spearmanr
+    from sklearn.metrics import cohen_kappa_score
+
+    from hpcpath.evaluate.proliferation import (agreement, hpf10_side_px, proliferation_score,
+                                                quadratic_kappa)
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        a, b = rng.integers(1, 4, 30), rng.integers(1, 4, 30)
+        assert quadratic_kappa(a, b) == pytest.approx(cohen_kappa_score(a, b, weights="quadratic"), abs=1e-12)
+    assert quadratic_kappa([2, 2], [2, 2]) is None
+    assert [proliferation_score(n) for n in (0, 6, 7, 12, 13, 100)] == [1, 1, 2, 2, 3, 3]
+    assert [proliferation_score(n, (7, 14)) for n in (7, 8, 14, 15)] == [1, 2, 2, 3]
+    with pytest.raises(MetricError):
+        proliferation_score(3, (5, 5))
+    assert hpf10_side_px(0.25) == pytest.approx(2 ** 0.5 * 4000)  # 2 mm^2 at 0.25 um/px
+    counts = {"a": 2, "b": 9, "c": 30, "d": 11}
+    m = agreement(counts, {"a": 1, "b": 2, "c": 3, "d": 3, "zz": 1})
+    assert m["slides"] == 4 and m["confusion"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert m["spearman"] == pytest.approx(spearmanr([2, 9, 30, 11], [1, 2, 3, 3]).statistic)
+    mol = agreement(counts, {"a": 0.1, "b": -0.3, "c": 0.8, "d": 0.5})  # a molecular score
+    assert mol["kappa_quadratic"] is None and "Spearman only" in mol["kappa_why"]
+    assert mol["spearman"] == pytest.approx(spearmanr([2, 9, 30, 11], [0.1, -0.3, 0.8, 0.5]).statistic)
+
+
+def test_any_rule_counts_clusters_once_and_curve_equals_recounting():
+    """``any``: a cluster of hits on one truth is one TP and no FP; the threshold curve
+    equals matching again at every threshold."""
+    m = match_detections([(100, 100), (110, 100), (95, 104), (500, 500)], [(102, 101), (300, 300)],
+                         30, matching="any")
+    assert (m.tp, m.fp, m.fn) == (1, 1, 1)
+    one = match_detections([(100, 100), (110, 100), (95, 104), (500, 500)], [(102, 101), (300, 300)], 30)
+    assert (one.tp, one.fp, one.fn) == (1, 3, 1)
+    rng = np.random.default_rng(5)
+    preds, truths = [], []
+    for _ in range(4):
+        t = rng.uniform(0, 400, (12, 2))
+        near = t[rng.integers(0, 12, 15)] + rng.normal(0, 10, (15, 2))
+        p = np.concatenate([near, rng.uniform(0, 400, (10, 2))])
+        preds.append(np.c_[p, rng.uniform(0, 1, len(p)).round(2)])
+        truths.append(t)
+    res = best_threshold(preds, truths, 30, matching="any")
+    for thr, f1 in zip(res.curve["threshold"], res.curve["f1"]):
+        s = f1_scores([p[p[:, 2] >= thr, :2] for p in preds], truths, 30, matching="any")
+        assert s.f1 == pytest.approx(f1, abs=1e-12)
+    assert res.f1 == pytest.approx(res.curve["f1"].max())
+    with pytest.raises(MetricError):
+        match_detections([(0, 0)], [(0, 0)], 30, matching="closest")
