@@ -83,9 +83,9 @@ class _Look:
 PRESETS = {
     "easy": _Look(),
     "hard": _Look(stroma_spacing=20.0, stroma_fill=0.9, lymph_share=0.35, tumour_spacing=15.0,
-                  tumour_fill=0.6, tumour_major=(3.0, 4.2), tumour_minor=(2.2, 3.2),
-                  tumour_sigma=0.2, tumour_od=(0.95, 1.3), tumour_h=0.02, vesicular=0.4,
-                  tumour_on_stroma=True, tumour_e_scale=0.93, atypia_fill=0.5,
+                  tumour_fill=0.85, tumour_major=(3.0, 4.2), tumour_minor=(2.2, 3.2),
+                  tumour_sigma=0.2, tumour_od=(1.0, 1.35), tumour_h=0.04, vesicular=0.4,
+                  tumour_on_stroma=True, tumour_e_scale=0.93, atypia_fill=0.3,
                   stain_jitter=0.12, mitosis_od=2.1, artefacts=True, mimics_per_mitosis=1.0),
 }
 MIMIC_KINDS = ("apoptotic", "lymphocyte")
