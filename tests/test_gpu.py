@@ -213,3 +213,14 @@ def test_mixed_precision_copy_predicts_like_the_float32_model():
     assert copy.layers[2].compute_dtype == "float16" and copy.layers[2].kernel.dtype == "float32"
     xs = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(copy(xs), np.float32), np.asarray(model(xs)), atol=2e-3)
+
+
+def test_doctests():
+    import doctest
+
+    import hpcpath.gpu
+    import hpcpath.train.tfdist
+
+    for mod in (hpcpath.gpu, hpcpath.train.tfdist):
+        res = doctest.testmod(mod)
+        assert res.attempted > 0 and res.failed == 0, mod.__name__

@@ -96,6 +96,9 @@ def train(config, sets, dataset, engine, resume, out, epochs, batch_size, hard_n
                                               epochs=epochs, batch_size=batch_size,
                                               hard_negatives=hard_negatives, audit=audit,
                                               gpu=gpu or setting_from_env(), xla=xla))
+    from hpcpath.train.preempt import StopSignal
+
+    StopSignal()  # SIGUSR1/SIGTERM from now on: checkpoint and stop (not die during the imports)
     _quiet_tensorflow()
     from hpcpath.train import train as run
 

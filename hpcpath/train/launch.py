@@ -57,16 +57,11 @@ def _tasks_per_node(n_hosts: int) -> list[int]:
 
 
 def node_addresses(hosts: list[str]) -> dict[str, str]:
-    """The address every node of the job is dialled at: ``NodeAddr`` from Slurm, checked by
-    :func:`hpcpath.cluster.allocation.choose_address` (no loopback across nodes)."""
-    from hpcpath.cluster.allocation import _is_ip, _resolve, _slurm_node_addr, choose_address
+    """The address every node of the job is dialled at: ``NodeAddr`` from Slurm, checked
+    (no loopback across nodes; :func:`hpcpath.cluster.allocation.slurm_node_address`)."""
+    from hpcpath.cluster.allocation import slurm_node_address
 
-    out = {}
-    for h in hosts:
-        node_addr = _slurm_node_addr(h) or h
-        resolved = [] if _is_ip(node_addr) else _resolve(node_addr)
-        out[h] = choose_address(None, {}, node_addr, resolved, multi_node=len(hosts) > 1, node=h)
-    return out
+    return {h: slurm_node_address(h, multi_node=len(hosts) > 1) for h in hosts}
 
 
 def _iface_for(addr: str) -> str:

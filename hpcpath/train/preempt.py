@@ -22,26 +22,37 @@ STOP_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again w
 
 
 class StopSignal:
-    """A flag raised by ``SIGUSR1`` / ``SIGTERM`` (installed only in the main thread)."""
+    """A flag raised by ``SIGUSR1`` / ``SIGTERM``.  Installed once per process, in the main
+    thread, as early as possible (``hpcpath train`` does it before importing TensorFlow: the
+    default action of SIGUSR1 would end the process); a later instance shares the flag."""
+
+    raised: int | None = None
+    _installed: dict = {}
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
-        self.raised: int | None = None
-        self._previous = {}
+        self._mine: dict = {}  # the handlers this instance installed, and what they replaced
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
-                self._previous[sig] = signal.signal(sig, self._handler)
+                if sig not in StopSignal._installed:
+                    self._mine[sig] = StopSignal._installed[sig] = signal.signal(sig, StopSignal._handler)
 
-    def _handler(self, signum, frame) -> None:
-        self.raised = signum
+    @staticmethod
+    def _handler(signum, frame) -> None:
+        StopSignal.raised = signum
 
     def agreed(self, engine) -> bool:
-        """True on every rank when any rank has seen a signal (one small sum per step)."""
-        flag = np.array([1.0 if self.raised is not None else 0.0])
+        """True on every rank when any rank has seen a signal (one small sum)."""
+        flag = np.array([1.0 if StopSignal.raised is not None else 0.0])
         if engine.size == 1:
             return bool(flag[0])
         return bool(engine.allreduce_sum(flag)[0] > 0)
 
     def restore(self) -> None:
-        for sig, old in self._previous.items():
+        """The handlers this instance replaced back (those installed earlier, by ``hpcpath
+        train``, stay until the process ends: a late signal must not kill it)."""
+        for sig, old in self._mine.items():
             signal.signal(sig, old)
-        self._previous = {}
+            StopSignal._installed.pop(sig, None)
+        if self._mine:
+            StopSignal.raised = None
+        self._mine = {}

@@ -53,6 +53,11 @@ def slurm_resolver():
     base = int(os.environ.get("HPCPATH_TF_PORT_BASE", 20000 + (job * 37) % 20000))
     workers = worker_addresses(hosts, counts, node_addresses(hosts), base)
     spec = tf.train.ClusterSpec({"worker": workers})
+    if os.environ["SLURM_PROCID"] == "0":
+        import sys
+
+        print(f"hpcpath train: tf.distribute: {len(workers)} workers on {len(hosts)} node(s) at "
+              + ", ".join(workers), file=sys.stderr, flush=True)
     return tf.distribute.cluster_resolver.SimpleClusterResolver(
         spec, task_type="worker", task_id=int(os.environ["SLURM_PROCID"]), rpc_layer="grpc")
 
@@ -86,6 +91,17 @@ class TFDistributeEngine(Engine):
 
     def scope(self):
         return self.strategy.scope()
+
+    def average_variables(self, variables) -> None:
+        """BatchNorm's moving statistics are updated by each worker from its own batches and
+        drift apart (seen: four different weight checksums after an epoch); make them the
+        worker mean, as the Horovod engine does."""
+        if self.size == 1:
+            return
+        for v in variables:
+            if str(v.dtype) in ("float16", "float32", "float64", "bfloat16"):
+                mean = self.allreduce_sum(np.asarray(v.numpy(), np.float64)) / self.size
+                v.assign(mean.astype(np.asarray(v.numpy()).dtype))
 
     def run(self, fn, *args):
         import tensorflow as tf
