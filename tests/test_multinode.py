@@ -175,7 +175,8 @@ def test_nodes_have_own_hostname_address_and_tmp(local_slurm2, shared_tmp):
         "srun", "-N2", "-n2", "--gres=gpu:1", "bash", "-c",
         'echo "$(hostname) $(hostname -I) $CUDA_VISIBLE_DEVICES $(getent hosts n1 n2 | wc -l)";'
         ' echo x > /tmp/mark-$SLURM_JOB_ID-$(hostname);'
-        f' ls /tmp | grep -c mark-$SLURM_JOB_ID; touch {shared_tmp}/$(hostname)',
+        f' ls /tmp | grep -c mark-$SLURM_JOB_ID; touch {shared_tmp}/$(hostname);'
+        ' rm /tmp/mark-$SLURM_JOB_ID-$(hostname)',
         cwd=shared_tmp,
     )
     lines = [line for line in out.split("\n") if line.strip()]
@@ -210,6 +211,11 @@ def test_tile_sbatch_on_two_nodes_equals_local(local_slurm2, slides, local_store
     work = _work_per_host(job_dir)
     assert sorted(work) == ["n1", "n2"] and all(work.values()), work  # both nodes did tasks
     assert not (job_dir / "scheduler.json").exists()  # removed at the end
+    job = job_dir.name.split("-")[1]
+    scratch = f"Local Directory: /tmp/hpcpath-{job}/"  # node-local worker scratch ...
+    assert (job_dir / "workers.log").read_text().count(scratch) == 2
+    nodes = Path(local_slurm2["HPCPATH_SLURM2_DIR"])  # ... removed when the workers end
+    assert not list(nodes.glob(f"tmp-n*/hpcpath-{job}")), list(nodes.glob("tmp-n*/*"))
     _same_stores(shared_tmp / "out", local_stores)
 
 
@@ -234,7 +240,8 @@ def test_infer_sbatch_on_two_nodes_equals_local(local_slurm2, local_stores, mode
 @slow
 def test_workers_that_never_come_fail_the_job_with_one_line(local_slurm2, slides, shared_tmp):
     """A job folder on a node-local path: n2's worker cannot read the scheduler file."""
-    env = _env(local_slurm2, HPCPATH_JOB_DIR="/tmp/hpcpath-job", HPCPATH_WORKER_TIMEOUT="20")
+    env = _env(local_slurm2, HPCPATH_JOB_DIR=f"/tmp/hpcpath-job-{shared_tmp.name}",
+               HPCPATH_WORKER_TIMEOUT="20")
     state, code, log = _sbatch(
         env, ["--nodes=2", "--ntasks-per-node=1", "--mem-per-cpu=1G",
               str(REPO / "slurm" / "tile.sbatch"), str(slides), "-o", str(shared_tmp / "out")],
@@ -243,6 +250,7 @@ def test_workers_that_never_come_fail_the_job_with_one_line(local_slurm2, slides
     errors = [line for line in log.splitlines() if "error" in line]
     assert len(errors) == 1 and "1 of 2 Dask workers connected (n1-0)" in errors[0], log
     assert "Traceback" not in log and not (shared_tmp / "out").exists()
+    shutil.rmtree(Path(local_slurm2["HPCPATH_SLURM2_DIR"], "tmp-n1", f"hpcpath-job-{shared_tmp.name}"))
 
 
 # ----------------------------------------------------------------------------- dask-jobqueue

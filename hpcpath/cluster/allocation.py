@@ -8,7 +8,8 @@ worker per Slurm task (``srun``, across every node of the allocation).
 What passes between nodes goes through a shared path or the network, never a node-local
 one: the scheduler file and the logs are in the *job folder* (``$HPCPATH_JOB_DIR``, default
 ``$SLURM_SUBMIT_DIR/.hpcpath/slurm-<jobid>``, which must be on a filesystem every node
-mounts); only each worker's scratch space is node-local (``${TMPDIR:-/tmp}`` of its node).
+mounts); only each worker's scratch space is node-local (``${TMPDIR:-/tmp}/hpcpath-<jobid>``
+of its node, removed when the worker ends).
 The scheduler listens on the batch node's *contact address* (:func:`choose_address`: the
 interface named by ``$HPCPATH_INTERFACE``, else the address Slurm has for the node), never on
 whatever ``gethostbyname(gethostname())`` says (127.0.1.1 on a default Debian host, or
@@ -26,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -234,20 +236,36 @@ def worker_command(
     return cmd
 
 
-def _worker_main(scheduler_file: str, gpu_per_task: bool) -> None:
-    """One Slurm task: keep its GPU, make node-local scratch, become the Dask worker."""
+def _scratch(env: Mapping[str, str]) -> Path:
+    """This node's scratch folder for the job: node-local, never shared."""
+    return Path(env.get("TMPDIR") or "/tmp", f"hpcpath-{env.get('SLURM_JOB_ID', os.getpid())}")
+
+
+def _worker_main(scheduler_file: str, gpu_per_task: bool) -> int:
+    """One Slurm task: keep its GPU, run the Dask worker in node-local scratch, remove it."""
     env = os.environ
     if gpu_per_task and env.get("CUDA_VISIBLE_DEVICES"):
         env["CUDA_VISIBLE_DEVICES"] = pin_gpu(env["CUDA_VISIBLE_DEVICES"],
                                               int(env.get("SLURM_LOCALID", "0")))
     node = env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
-    scratch = Path(env.get("TMPDIR") or "/tmp", f"hpcpath-{env.get('SLURM_JOB_ID', os.getpid())}")
+    scratch = _scratch(env)
     scratch.mkdir(parents=True, exist_ok=True)
     cmd = worker_command(sys.executable, scheduler_file, local_directory=scratch,
                          name=f"{node}-{env.get('SLURM_PROCID', '0')}",
                          interface=env.get("HPCPATH_INTERFACE") or None,
                          gpu=gpu_per_task and bool(env.get("CUDA_VISIBLE_DEVICES")))
-    os.execv(cmd[0], cmd)
+    # Temporary files of the worker (TensorFlow's autograph sources...) go there too.
+    proc = subprocess.Popen(cmd, env={**env, "TMPDIR": str(scratch)})
+
+    def forward(signum: int, frame: Any) -> None:  # srun's SIGTERM on cancel or step end
+        proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        return proc.wait()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _worker_facts(dask_worker: Any) -> dict[str, Any]:
@@ -339,10 +357,17 @@ def run_in_allocation(stage: str, args: Sequence[str], *, gpu_per_task: bool = F
         from distributed import Client
 
         with Client(address, timeout=60) as client:
-            _wait_for_all(client, workers, ntasks, timeout, folder)
-            status = subprocess.run([py, "-m", "hpcpath.cli.main", stage, *args,
-                                     "--cluster", address], env=env).returncode
-            _report_work(client, folder)
+            try:
+                _wait_for_all(client, workers, ntasks, timeout, folder)
+                # The driver's temporary files stay on this node, in the job's scratch.
+                driver_tmp = _scratch(env) / "driver"
+                driver_tmp.mkdir(parents=True, exist_ok=True)
+                status = subprocess.run([py, "-m", "hpcpath.cli.main", stage, *args,
+                                         "--cluster", address],
+                                        env={**env, "TMPDIR": str(driver_tmp)}).returncode
+                _report_work(client, folder)
+            finally:
+                _shutdown(client, workers)
         return status
     except _Terminated as exc:
         _say(f"stopped by {exc}")
@@ -352,6 +377,20 @@ def run_in_allocation(stage: str, args: Sequence[str], *, gpu_per_task: bool = F
         _stop(workers)
         _stop(sched)
         sched_file.unlink(missing_ok=True)
+        shutil.rmtree(_scratch(env) / "driver", ignore_errors=True)
+
+
+def _shutdown(client: Any, workers: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """Close the workers through Dask, so each task removes its scratch and the step ends
+    on its own (a signal through srun can be cut short by Slurm's KillWait)."""
+    try:
+        client.shutdown()
+    except Exception:  # best effort: _stop() follows
+        pass
+    try:
+        workers.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _wait_for_all(client: Any, workers: subprocess.Popen[bytes], n: int, timeout: float,
@@ -402,8 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(contact_address())
             return 0
         if cmd == "worker" and rest:
-            _worker_main(rest[0], gpu)
-            return 0  # not reached: exec
+            return _worker_main(rest[0], gpu)
         if cmd == "run":
             if gpu:
                 rest = rest[1:]
