@@ -48,7 +48,7 @@ class _Report:
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
               help="Output folder: overlays, detections, summary.csv, tasks.csv (slides are tiled into OUT/stores).")
 @click.option("--config", "config_file", type=click.Path(), help="YAML with infer options (top level or under 'infer:').")
-@click.option("--name", help="Name of the predictions in the stores [the model folder's name].")
+@click.option("--name", help="Name of the predictions in the stores [the dataset the model was trained on, e.g. tumor; else the model folder's name].")
 @click.option("--mode", type=click.Choice(["window", "two-stage"]), help="Sliding window, or proposals + patch classification (points models) [window].")
 @click.option("--stride", type=int, help="Window stride in patch pixels [the store's tile stride].")
 @click.option("--batch-size", type=int, help="Patches per model call [64].")

@@ -117,10 +117,16 @@ def epoch_items(labels: np.ndarray, balance_ratio: float | None, seed: int, epoc
 def rank_batches(shard: PatchDataset, batch_size: int, steps: int, *, seed: int, epoch: int,
                  skip: int = 0, context: bool = False) -> Iterator[Batch]:
     """Exactly ``steps`` full batches of this rank's shard, seeded by ``(seed, epoch)``; the
-    first ``skip`` are drawn and dropped (resume inside an epoch)."""
+    first ``skip`` are drawn and dropped (resume inside an epoch).  The size check runs here,
+    at the call, not inside TensorFlow's generator (where it would become a traceback)."""
     if len(shard) < batch_size:
         raise HpcpathError(f"a rank's shard holds {len(shard)} items, fewer than one batch of "
                            f"{batch_size}: lower batch_size or use fewer ranks")
+    return _rank_batches(shard, batch_size, steps, seed=seed, epoch=epoch, skip=skip, context=context)
+
+
+def _rank_batches(shard: PatchDataset, batch_size: int, steps: int, *, seed: int, epoch: int,
+                  skip: int, context: bool) -> Iterator[Batch]:
     n, rnd = 0, 0
     while n < steps:
         for b in shard.batches(batch_size, shuffle=True, seed=seed, epoch=epoch * 1000 + rnd,

@@ -358,7 +358,7 @@ def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict, ranks: li
         patch_mpp=mpp, context_downsamples=ctx if multiscale else (),
         inputs=tuple(input_names(data.context_names if multiscale else ())),
         architecture=cfg.model.architecture,
-        extra={"dataset": str(cfg.dataset), "metrics": {k: v for k, v in metrics.items()
+        extra={"dataset": str(cfg.dataset), "dataset_name": data.train.name, "metrics": {k: v for k, v in metrics.items()
                                                         if isinstance(v, float) and np.isfinite(v)},
                "trained_on": {"ranks": len(ranks), "hosts": sorted({r["host"] for r in ranks}),
                               "devices": sorted({r["device"] for r in ranks})}},
