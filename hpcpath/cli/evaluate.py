@@ -43,6 +43,9 @@ def _save_json(out: Path | None, metrics: dict) -> None:
     clean = {k: v for k, v in metrics.items() if not k.startswith("_")}
     write_atomic(out / "metrics.json", (json.dumps(clean, indent=2) + "\n").encode())
     click.echo(f"metrics {out / 'metrics.json'}")
+    from hpcpath.cli.report import report_after
+
+    report_after(out)  # the last thing each subcommand writes
 
 
 def _fmt(v) -> str:

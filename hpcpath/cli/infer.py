@@ -102,5 +102,8 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     click.echo(
         f"hpcpath: {len(done)} predicted ({reused} already complete), {len(result.failed)} failed; "
         f"{result.windows} windows; summary {result.summary_path}", err=True)
+    from hpcpath.cli.report import report_after
+
+    report_after(out_dir)
     if result.failed:
         sys.exit(1)

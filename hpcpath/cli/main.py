@@ -38,7 +38,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcpath.cli import dataset, evaluate, infer, info, synth, tile, train
+    from hpcpath.cli import dataset, evaluate, infer, info, report, synth, tile, train
 
     cli.add_command(tile.tile)
     cli.add_command(dataset.dataset)
@@ -48,6 +48,7 @@ def _register() -> None:
     cli.add_command(evaluate.evaluate)
     cli.add_command(synth.synth)
     cli.add_command(info.info)
+    cli.add_command(report.report)
 
 
 _register()

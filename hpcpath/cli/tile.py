@@ -52,5 +52,8 @@ def tile(inputs, out_dir, config_file, allow_empty, cluster, workers, **options)
         f"{len(result.failed)} failed; {result.n_tiles} tiles; manifest {result.manifest_path}",
         err=True,
     )
+    from hpcpath.cli.report import report_after
+
+    report_after(out_dir)
     if result.failed or (result.empty and not allow_empty):
         sys.exit(1)
