@@ -25,6 +25,9 @@ from hpcpath.cli.common import cluster_options, dask_session
 @click.option("--chunk-tiles", type=int, help="Tiles per Zarr chunk [64].")
 @click.option("--tiles-per-task", type=int, help="Tiles per Dask task [256].")
 @click.option("--pyramid/--no-pyramid", default=None, help="Write the OME-NGFF overview pyramid [yes].")
+@click.option("--pyramid-downsample", type=float,
+              help="Level-0 downsample of the pyramid's finest level [4]; 1 = full resolution "
+                   "(napari and other OME-Zarr viewers show the slide pixel for pixel).")
 @click.option("--reader", type=click.Choice(["auto", "openslide", "direct"]), help="Pixel reader [auto].")
 @click.option("--allow-empty", is_flag=True, help="Exit 0 even if some slide had nothing to tile.")
 @cluster_options
