@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hpcpath.errors import OutputError
+
 __all__ = ["Manifest", "SlideRecord", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "hpcpath-manifest.json"
@@ -63,5 +65,12 @@ class Manifest:
             "slides": {k: asdict(v) for k, v in sorted(self.slides.items())},
         }
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # disk full, folder turned read-only: one line, old manifest kept
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise OutputError(f"cannot write the manifest: {exc.strerror or exc}", self.path) from None

@@ -29,7 +29,7 @@ import numpy as np
 from hpcpath._malloc import keep_large_buffers
 from hpcpath._version import __version__
 from hpcpath.config import TileConfig
-from hpcpath.errors import HpcpathError, SlideError
+from hpcpath.errors import HpcpathError, OutputError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
@@ -472,11 +472,18 @@ def tile_slides(
         records: list[SlideRecord] = []
         sources: dict[str, Path] = {}
 
+        unsaved: list[OutputError] = []  # a manifest that cannot be written (disk full,
+        # read-only folder) never hides the other slides' lines: raised after the run
+
         def record(rec: SlideRecord) -> None:
             records.append(rec)
             manifest.update(rec)
-            manifest.save()
             emit("slide", {"record": rec})
+            try:
+                manifest.save()
+                unsaved.clear()
+            except OutputError as exc:
+                unsaved[:] = [exc]
 
         plans: dict[str, tuple[Callable, tuple]] = {}
         for p in paths:
@@ -518,4 +525,6 @@ def tile_slides(
                 emit("tiles", {"slide_id": sid, "n": n})
 
         run_per_slide(client, plans, expand, finish, stage="tile", key=key, label=str(out), on_task=on_task)
+        if unsaved:
+            raise unsaved[0]
         return RunResult(out, records, manifest.path)

@@ -26,6 +26,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except HpcpathError as exc:
             fail(str(exc))
+        except OSError as exc:  # the driver's own write failed (disk full, read-only folder)
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}", EXIT_FAILED)
         except KeyboardInterrupt:
             click.echo("hpcpath: interrupted; partial stores are not marked complete", err=True)
             sys.exit(130)
