@@ -262,11 +262,11 @@ def test_jobqueue_workers_on_both_nodes(local_slurm2, slides, local_stores, shar
     spec = {
         "backend": "slurm", "jobs": 2, "cores": 1, "memory": "1GB", "walltime": "00:10:00",
         "python": sys.executable, "log_directory": str(shared_tmp / "logs"),
-        "local_directory": "$TMPDIR", "job_extra_directives": ["--exclusive"],
-        "worker_timeout": 120,
+        "local_directory": "/tmp", "job_extra_directives": ["--exclusive"],  # node-local
+        "worker_timeout": 300,  # --exclusive jobs wait for whole nodes
     }
     with cluster_client(spec) as client:
-        client.wait_for_workers(2, timeout=120)
+        client.wait_for_workers(2, timeout=300)
         hosts = client.run(socket.gethostname)
         assert sorted(hosts.values()) == ["n1", "n2"]
         res = tile_slides([slides], shared_tmp / "out", TILE, client=client)
