@@ -317,7 +317,11 @@ def run_in_allocation(stage: str, args: Sequence[str], *, gpu_per_task: bool = F
     timeout = float(env.get("HPCPATH_WORKER_TIMEOUT") or DEFAULT_WORKER_TIMEOUT)
     contact = contact_address(env, multi_node=n_nodes > 1)
     folder = job_dir(env)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClusterError(f"cannot make the job folder {folder}: {exc.strerror}; submit from "
+                           "a writable shared folder or set HPCPATH_JOB_DIR") from None
     sched_file = folder / "scheduler.json"
     sched_file.unlink(missing_ok=True)
     dashboard = env.get("HPCPATH_DASHBOARD") or f"{contact}:{DASHBOARD_PORT}"
@@ -356,7 +360,11 @@ def run_in_allocation(stage: str, args: Sequence[str], *, gpu_per_task: bool = F
 
         from distributed import Client
 
-        with Client(address, timeout=60) as client:
+        try:
+            client = Client(address, timeout=60)
+        except OSError as exc:
+            raise ClusterError(f"cannot reach the scheduler at {address}: {exc}") from None
+        with client:
             try:
                 _wait_for_all(client, workers, ntasks, timeout, folder)
                 # The driver's temporary files stay on this node, in the job's scratch.
