@@ -65,7 +65,8 @@ def main() -> None:
     w = a.out.resolve()
     w.mkdir(parents=True, exist_ok=True)
     log = w / "bench_hard.log"
-    log.write_text("")
+    with open(log, "a") as f:  # appended: runs of single parts keep each other's output
+        f.write(f"# bench_hard.py --parts {a.parts}  {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     t0 = time.perf_counter()
     res: dict = {"train_slides": a.train_slides, "test_slides": a.test_slides, "size": a.size,
                  "epochs": a.epochs}

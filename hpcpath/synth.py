@@ -86,7 +86,7 @@ PRESETS = {
                   tumour_fill=0.85, tumour_major=(3.0, 4.2), tumour_minor=(2.2, 3.2),
                   tumour_sigma=0.2, tumour_od=(1.0, 1.35), tumour_h=0.04, vesicular=0.4,
                   tumour_on_stroma=True, tumour_e_scale=0.93, atypia_fill=0.3,
-                  stain_jitter=0.12, mitosis_od=2.1, artefacts=True, mimics_per_mitosis=1.0),
+                  stain_jitter=0.12, mitosis_od=2.5, artefacts=True, mimics_per_mitosis=1.0),
 }
 MIMIC_KINDS = ("apoptotic", "lymphocyte")
 ARTEFACT_KINDS = ("blur", "fold", "pen")
@@ -601,7 +601,7 @@ def _draw_mimics(sc: _Scene, hh, ee, x0, y0, ds):
         h, e = hh[win].astype(np.float32), ee[win].astype(np.float32)
         if sc.mimic_kind[i] == 0:
             halo = np.clip((1.8 * edge - rho) / ds + 0.5, 0, 1) - alpha
-            h = np.maximum(h * (1 - 0.85 * halo), alpha * 2.3 * _Q)
+            h = np.maximum(h * (1 - 0.85 * halo), alpha * 2.2 * _Q)
             e = e * (1 - 0.5 * alpha) * (1 - 0.3 * halo) + halo * 0.35 * _Q
         else:
             h = np.maximum(h, alpha * 1.9 * _Q)
