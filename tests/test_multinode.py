@@ -241,7 +241,7 @@ def test_infer_sbatch_on_two_nodes_equals_local(local_slurm2, local_stores, mode
 def test_workers_that_never_come_fail_the_job_with_one_line(local_slurm2, slides, shared_tmp):
     """A job folder on a node-local path: n2's worker cannot read the scheduler file."""
     env = _env(local_slurm2, HPCPATH_JOB_DIR=f"/tmp/hpcpath-job-{shared_tmp.name}",
-               HPCPATH_WORKER_TIMEOUT="20")
+               HPCPATH_WORKER_TIMEOUT="10")
     state, code, log = _sbatch(
         env, ["--nodes=2", "--ntasks-per-node=1", "--mem-per-cpu=1G",
               str(REPO / "slurm" / "tile.sbatch"), str(slides), "-o", str(shared_tmp / "out")],

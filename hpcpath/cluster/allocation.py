@@ -364,9 +364,11 @@ def run_in_allocation(stage: str, args: Sequence[str], *, gpu_per_task: bool = F
             client = Client(address, timeout=60)
         except OSError as exc:
             raise ClusterError(f"cannot reach the scheduler at {address}: {exc}") from None
+        formed = False
         with client:
             try:
                 _wait_for_all(client, workers, ntasks, timeout, folder)
+                formed = True
                 # The driver's temporary files stay on this node, in the job's scratch.
                 driver_tmp = _scratch(env) / "driver"
                 driver_tmp.mkdir(parents=True, exist_ok=True)
@@ -374,8 +376,8 @@ def run_in_allocation(stage: str, args: Sequence[str], *, gpu_per_task: bool = F
                                          "--cluster", address],
                                         env={**env, "TMPDIR": str(driver_tmp)}).returncode
                 _report_work(client, folder)
-            finally:
-                _shutdown(client, workers)
+            finally:  # a worker that never connected will not close through Dask
+                _shutdown(client, workers, grace=15 if formed else 2)
         return status
     except _Terminated as exc:
         _say(f"stopped by {exc}")
