@@ -235,8 +235,24 @@ def test_node_lost_mid_training_requeues_and_resumes(data, local_slurm2, gloo_ru
         subprocess.run(fixture + ["resume", "--nodes", "2", "n2"], capture_output=True, timeout=120)
     text = log.read_text()
     assert int(j["Restarts"]) == 1 and "(start 2)" in text
+    assert "Traceback" not in text, text[-3000:]  # ranks that lost their peers: one line each
     assert "hpcpath train: resuming from step-" in text, text[-3000:]
     assert_four_ranks_in_step(data, name, CONFIG["epochs"])
     h, ref = history(run), history(gloo_run)
     assert [r["step"] for r in h] == [r["step"] for r in ref]  # the step count went on
     assert abs(float(h[-1]["val_auc"]) - float(ref[-1]["val_auc"])) <= 0.03, (h[-1], ref[-1])
+
+
+def test_lost_peers_is_one_line():
+    """What a surviving rank raises when the collective fails because its peers are gone."""
+    import tensorflow as tf
+
+    from hpcpath.train.loop import _lost_peers
+
+    gone = tf.errors.UnknownError(None, None, "Horovod has been shut down. This was caused by an "
+                                  "exception on one of the ranks or an attempt to allreduce\n...")
+    line = _lost_peers(gone)
+    assert line.startswith("lost the other ranks mid-step") and "--resume" in line and "\n" not in line
+    assert _lost_peers(tf.errors.UnavailableError(None, None, "Socket closed")) is not None
+    assert _lost_peers(tf.errors.InvalidArgumentError(None, None, "bad shape")) is None
+    assert _lost_peers(ValueError("x")) is None

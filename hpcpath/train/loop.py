@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcpath.errors import ConfigError, HpcpathError
+from hpcpath.errors import ClusterError, ConfigError, HpcpathError
 from hpcpath.train.checkpoint import latest_checkpoint, read_state, restore_checkpoint, save_checkpoint
 from hpcpath.train.data import TrainData, epoch_items, open_train_data, rank_batches, subset, tf_batches
 from hpcpath.train.engine import Engine, make_engine
@@ -165,7 +165,35 @@ def preflight(cfg) -> None:
 # ------------------------------------------------------------------ the loop
 def train(cfg, *, resume: bool = False, engine: Engine | None = None) -> TrainResult:
     """Train ``cfg`` (a :class:`hpcpath.config.TrainConfig`) under its engine; every rank
-    calls this.  Returns the history on every rank; files are written by rank 0."""
+    calls this.  Returns the history on every rank; files are written by rank 0.  A rank
+    whose peers are gone (a node failed, a rank was killed) raises a one-line ClusterError."""
+    try:
+        return _train(cfg, resume=resume, engine=engine)
+    except Exception as exc:
+        why = _lost_peers(exc)
+        if why is None:
+            raise
+        raise ClusterError(why) from None
+
+
+def _lost_peers(exc: BaseException) -> str | None:
+    """The one line for a collective that failed because other ranks are gone, else None."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(exc, tf.errors.OpError):
+        return None
+    text = str(exc.message if hasattr(exc, "message") else exc)
+    peer_gone = "Horovod has been shut down" in text or isinstance(
+        exc, (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.DeadlineExceededError,
+              tf.errors.AbortedError))
+    if not peer_gone:
+        return None
+    first = " ".join(text.split())[:160]
+    return (f"lost the other ranks mid-step (a node or rank failed?): {type(exc).__name__}: {first}; "
+            "the last complete checkpoint is kept: --resume goes on from it (slurm/train.sbatch "
+            "jobs are requeued and resume by themselves)")
+
+
+def _train(cfg, *, resume: bool, engine: Engine | None) -> TrainResult:
     preflight(cfg)
     data = open_train_data(cfg)
     engine = engine or make_engine(cfg.engine, cfg.gpu)
