@@ -77,7 +77,8 @@ def load_meta(directory: str | os.PathLike) -> ModelMeta:
 
 
 def load_model(directory: str | os.PathLike, *, compile: bool = False):
-    """(keras model, ModelMeta) from a model folder; clear errors for missing/corrupt files."""
+    """(keras model, ModelMeta) from a model folder; clear errors for missing/corrupt files.
+    Nothing in the folder is executed: Keras safe mode refuses Lambda layers' bytecode."""
     meta = load_meta(directory)
     path = Path(directory) / MODEL_FILE
     if not path.exists():
@@ -85,7 +86,8 @@ def load_model(directory: str | os.PathLike, *, compile: bool = False):
     import keras
 
     try:
-        model = keras.saving.load_model(path, compile=compile)
+        # safe_mode: a Lambda layer (pickled Python bytecode) in the file is refused, never run
+        model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - keras raises many types for bad files
         raise HpcpathError(f"cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path) from None
     return model, meta

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +149,9 @@ def test_slide_scores_proliferation_svm(tmp_path):
     assert m["accuracy"] == 1.0 and m["kappa_quadratic"] == 1.0
     preds = list(csv.DictReader(open(tmp_path / "ev" / "slide_predictions.csv")))
     assert len(preds) == 18 and all(p["label"] == p["cv_prediction"] for p in preds)
-    saved = pickle.loads((tmp_path / "ev" / "slide_classifier.pkl").read_bytes())
+    from hpcpath import signing
+
+    saved = signing.loads((tmp_path / "ev" / "slide_classifier.pkl").read_bytes(), "x")
     assert saved["features"] == ["detections_per_mm2", "hpf10_max", "detections"]
     assert saved["estimator"].predict([[45.0, 90, 135]]).tolist() == [3]
     # the saved classifier applied to a new run: one prediction per complete slide
@@ -164,7 +165,7 @@ def test_slide_scores_proliferation_svm(tmp_path):
     assert got == {"low": "1", "high": "3"}
     res = run("evaluate", "classify", new, "-c", summary)
     assert res.exit_code == 2 and res.output.strip().splitlines() == [
-        f"hpcpath: error: {summary}: not a slide classifier (UnpicklingError)"]
+        f"hpcpath: error: {summary}: not signed by hpcpath: refusing to unpickle a file hpcpath did not write"]
 
 
 def test_slide_scores_tumour_auc_matches_sklearn(tmp_path):

@@ -142,23 +142,27 @@ def score_slides(summary: str | os.PathLike, labels: str | os.PathLike, *,
 
 def save_classifier(path: str | os.PathLike, scores: SlideScores) -> None:
     """Write the refitted classifier, with its target and feature list, for ``classify_slides``."""
-    import pickle
-
+    from hpcpath import signing
     from hpcpath.infer.outputs import write_atomic
 
-    write_atomic(path, pickle.dumps({"format": _FORMAT, "target": scores.target,
-                                     "features": list(scores.features), "estimator": scores.estimator}))
+    write_atomic(path, signing.dumps({"format": _FORMAT, "target": scores.target,
+                                      "features": list(scores.features), "estimator": scores.estimator}))
 
 
 def load_classifier(path: str | os.PathLike) -> dict[str, Any]:
-    """A classifier written by ``save_classifier`` (a pickle: load only files you made)."""
-    import pickle
+    """A classifier written by ``save_classifier``: a signed pickle, checked before it is
+    unpickled (:mod:`hpcpath.signing`), so a file hpcpath did not write runs no code."""
+    from hpcpath import signing
 
     try:
         with open(path, "rb") as f:
-            doc = pickle.load(f)
+            data = f.read()
     except FileNotFoundError:
         raise HpcpathError("slide classifier not found", path) from None
+    try:
+        doc = signing.loads(data, path)
+    except HpcpathError:
+        raise
     except Exception as exc:  # unpickling errors come in many types
         raise HpcpathError(f"not a slide classifier ({type(exc).__name__})", path) from None
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
