@@ -101,3 +101,77 @@ def test_dashboard_and_scheduler_on_loopback_by_default(dask_client):
     info = dask_client.scheduler_info()
     assert all(urlsplit(w).hostname == "127.0.0.1" for w in info["workers"])
     assert urlsplit(dask_client.dashboard_link).hostname == "127.0.0.1"
+
+
+# ------------------------------------------------------------------ TLS
+def _tls_round_trip(client) -> None:
+    """Every address is tls://, work runs on the workers, and a plain TCP client is refused."""
+    from distributed import Client
+
+    assert client.scheduler.address.startswith("tls://")
+    workers = client.scheduler_info()["workers"]
+    assert workers and all(w.startswith("tls://") for w in workers)
+    assert client.submit(sum, [1, 2, 3], pure=False).result(timeout=60) == 6
+    assert all(client.run(lambda: 1).values())
+    plain = client.scheduler.address.replace("tls://", "tcp://")
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plain, timeout=3)
+
+
+def test_tls_on_a_local_cluster_with_generated_certificates():
+    from hpcpath.cluster import cluster_client
+
+    with cluster_client({"backend": "local", "n_workers": 1, "tls": True}) as client:
+        _tls_round_trip(client)
+
+
+def _openssl_certs(d) -> dict[str, str]:
+    """A CA and a certificate for 127.0.0.1/localhost signed by it (openssl, as a site would)."""
+    import subprocess
+
+    def ssl(*a):
+        subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=hpcpath-test-ca")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr",
+        "-subj", "/CN=localhost")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "node.pem", "-days", "2", "-extfile", "ext.cnf")
+    return {"tls_ca_file": str(d / "ca.pem"), "tls_cert": str(d / "node.pem"), "tls_key": str(d / "node.key")}
+
+
+def test_tls_with_site_certificate_files_and_spec_errors(tmp_path):
+    from hpcpath.cluster import cluster_client, parse_cluster_spec
+    from hpcpath.errors import ConfigError
+
+    files = _openssl_certs(tmp_path)
+    with cluster_client({"backend": "local", "n_workers": 1, "tls": True, **files}) as client:
+        _tls_round_trip(client)
+    for bad, why in [({"tls": True, "tls_cert": files["tls_cert"]}, "need all of"),
+                     ({**files}, "tls is false"),
+                     ({"tls": True, **files, "tls_key": str(tmp_path / "nope.key")}, "no such file"),
+                     ({"tls": "maybe"}, "tls")]:
+        with pytest.raises(ConfigError, match=why) as info:
+            parse_cluster_spec({"backend": "local", **bad})
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_tls_on_the_local_slurm(local_slurm, tmp_path):
+    """dask-jobqueue SLURMCluster with generated certificates: the worker job gets them as
+    files in the job folder and joins over tls://."""
+    from hpcpath.cluster import cluster_client
+
+    spec = {"backend": "slurm", "memory": "1GB", "walltime": "00:05:00", "tls": True,
+            "log_directory": str(tmp_path), "worker_timeout": 90}
+    with cluster_client(spec) as client:
+        _tls_round_trip(client)
+        ids = {str(job.job_id) for job in client.cluster.workers.values()}
+        assert ids and all(ids)
+        script = client.cluster.job_script()
+        assert "--tls-ca-file" in script
+        keys = [p for p in tmp_path.iterdir() if p.suffix == ".pem" or "key" in p.name]
+        assert all(p.stat().st_mode & 0o077 == 0 for p in keys)  # the user's only

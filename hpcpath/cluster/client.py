@@ -90,7 +90,10 @@ def cluster_client(
             if cluster is not None:
                 client = stack.enter_context(Client(cluster))
             else:
-                client = stack.enter_context(Client(target, timeout=spec.worker_timeout))
+                from hpcpath.cluster.tls import cluster_security
+
+                client = stack.enter_context(Client(target, timeout=spec.worker_timeout,
+                                                    security=cluster_security(spec)))
         except OSError as exc:
             raise ClusterError(
                 f"cannot connect to the scheduler {target}: {_one_line(exc)}"

@@ -19,9 +19,13 @@ def local_cluster(spec: LocalSpec, n_workers: int | None) -> Cluster:
     from dask.system import CPU_COUNT
     from distributed import LocalCluster
 
+    from hpcpath.cluster.tls import cluster_security
+
+    security = cluster_security(spec)
     try:
         return LocalCluster(
             n_workers=n_workers or spec.n_workers or CPU_COUNT,
+            **({"security": security, "protocol": "tls://"} if security else {}),
             threads_per_worker=spec.threads_per_worker,
             processes=True,
             memory_limit=spec.memory_limit,

@@ -93,8 +93,15 @@ def slurm_cluster(spec: SlurmSpec, n_workers: int | None) -> Cluster:
         raise ConfigError(
             "the slurm backend needs dask-jobqueue: pip install 'hpcpath[slurm]'"
         ) from None
+    from hpcpath.cluster.tls import cluster_security
+
+    kwargs = slurm_cluster_kwargs(spec)
+    security = cluster_security(spec)
+    if security is not None:  # generated certificates go to the job folder, for the jobs
+        kwargs.update(security=security, protocol="tls://",
+                      shared_temp_directory=spec.log_directory or os.getcwd())
     try:
-        cluster = SLURMCluster(**slurm_cluster_kwargs(spec))
+        cluster = SLURMCluster(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"slurm cluster: {_one_line(exc)}") from exc
     except RuntimeError as exc:  # e.g. an interface this host does not have

@@ -47,6 +47,27 @@ def _check_bytes(value: str) -> str:
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # TLS between scheduler, workers and client (distributed's Security): ``tls: true``
+    # alone uses certificates generated for this run; or name PEM files, shared by all roles
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_files(self):
+        files = {k: getattr(self, k) for k in ("tls_ca_file", "tls_cert", "tls_key")}
+        given = [k for k, v in files.items() if v]
+        if given and len(given) < 3:
+            missing = ", ".join(k for k in files if k not in given)
+            raise ValueError(f"TLS files need all of tls_ca_file, tls_cert, tls_key (missing {missing})")
+        for k, v in files.items():
+            if v and not Path(v).expanduser().is_file():
+                raise ValueError(f"{k}: no such file {v!r}")
+        if given and not self.tls:
+            raise ValueError("TLS files given but tls is false (set tls: true)")
+        return self
+
 
 class LocalSpec(_Spec):
     """Worker processes on this machine (``distributed.LocalCluster``)."""
