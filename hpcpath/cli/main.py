@@ -4,6 +4,7 @@ and a non-zero exit instead of a traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -58,6 +59,10 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
+    # TensorFlow's C++ start-up banners (CPU features, oneDNN, absl) are not the user's
+    # business; errors still print.  Set before anything imports TensorFlow, and inherited
+    # by Dask workers and Slurm jobs started from here.  TF_CPP_MIN_LOG_LEVEL=0 brings them back.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cli.main(args=argv, prog_name="hpcpath")
 
 
