@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 HPCPATH = [sys.executable, "-m", "hpcpath.cli.main"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # ~7 min on 2 idle cores
 
 TRAIN_YAML = """\
 dataset: {dataset}
