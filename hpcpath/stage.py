@@ -14,9 +14,25 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hpcpath.cluster.monitor import RunProgress, task_key
-from hpcpath.errors import HpcpathError
+from hpcpath.errors import ClusterError, HpcpathError
 
 __all__ = ["Outcome", "run_per_slide", "one_line", "task_key"]
+
+
+def scheduler_lost(client, exc: BaseException) -> bool:
+    """True when ``exc`` is a future cancelled because the client lost its scheduler (killed,
+    its node gone): the whole run stops, the slides are not failed one by one."""
+    from concurrent.futures import CancelledError
+
+    if not isinstance(exc, CancelledError):
+        return False
+    return "scheduler-connection-lost" in str(exc) or getattr(client, "status", "running") != "running"
+
+
+def _lost(client) -> ClusterError:
+    address = getattr(getattr(client, "scheduler", None), "address", None) or "the scheduler"
+    return ClusterError(f"lost the Dask scheduler {address} mid-run (killed, or its node or job "
+                        "ended): nothing more was marked complete; rerun the same command to resume")
 
 
 def one_line(exc: BaseException) -> str:
@@ -85,6 +101,8 @@ def run_per_slide(
                     if "error" in plan:
                         raise HpcpathError(plan["error"])
                 except Exception as exc:  # noqa: BLE001 - per-slide failure, the run goes on
+                    if scheduler_lost(client, exc):
+                        raise _lost(client) from None
                     out.error = one_line(exc)
                     out.seconds = time.perf_counter() - out.t0
                     finish(sid, out)
@@ -102,6 +120,8 @@ def run_per_slide(
                     if on_task:
                         on_task(sid, kind, int(n))
                 except Exception as exc:  # noqa: BLE001
+                    if scheduler_lost(client, exc):
+                        raise _lost(client) from None
                     out.error = out.error or one_line(exc)
             if out.plan is not None and out.pending == 0:
                 out.seconds = time.perf_counter() - out.t0

@@ -206,3 +206,60 @@ def test_slide_truncated_while_being_tiled(slides, tmp_path):
     assert manifest["slides"]["slide_000"]["status"] == "failed"
     logs = "".join(p.read_text(errors="replace") for p in (out / "hpcpath-logs").glob("*.log"))
     assert "Traceback" in logs
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _scheduler_and_worker(port: int, cwd: Path):
+    """A ``dask scheduler`` and one ``dask worker``, as a batch script would start them."""
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    sched = subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port),
+                              "--dashboard-address", "127.0.0.1:0"], cwd=cwd,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                               f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--nworkers", "1"],
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield sched
+    finally:
+        for p in (worker, sched):
+            if p.poll() is None:
+                p.terminate()
+        for p in (worker, sched):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_dask_scheduler_killed_mid_run_is_one_line_and_a_rerun_resumes(slides, clean, tmp_path):
+    """SIGKILL of the scheduler (its node or job gone): after the client's reconnect window
+    (worker_timeout) the CLI says so in one line; nothing more is marked complete; a rerun
+    against a new scheduler completes identical to a clean run."""
+    port = _free_port()
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(f"backend: scheduler\naddress: tcp://127.0.0.1:{port}\nworker_timeout: 15\n")
+    out = tmp_path / "out"
+    args = [*HPCPATH, "tile", str(slides), "-o", str(out), *OPTS[2:], "--cluster", str(spec)]
+    with _scheduler_and_worker(port, tmp_path) as sched:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_first_tile(out, proc)
+        sched.kill()
+        _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"hpcpath: error: lost the Dask scheduler tcp://127.0.0.1:{port} mid-run (killed, or its "
+        "node or job ended): nothing more was marked complete; rerun the same command to resume")
+    assert not any(is_complete(p) for p in out.glob("*.zarr"))
+    with _scheduler_and_worker(port, tmp_path):
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert_same_stores(clean, out)
