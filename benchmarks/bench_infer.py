@@ -36,36 +36,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _fit(ds_path: Path, kind: str, out: Path) -> Path:
-    import keras
-    from keras import layers
+TRAIN = dict(batch_size=32, val_split=None, model={"architecture": "small_cnn", "width": 16},
+             optimizer={"name": "adam", "learning_rate": 0.002},
+             augmentation={"brightness": 0.1, "contrast": (0.8, 1.0), "saturation": (0.9, 1.0),
+                           "hue": 0.02})
 
-    from hpcpath.dataset import open_dataset
-    from hpcpath.modelio import ModelMeta, save_model
 
-    ds = open_dataset(ds_path)
-    xs, ys = zip(*[(b.images, b.labels) for b in ds.batches(256)])
-    x, y = np.concatenate(xs), np.concatenate(ys).astype("float32")
-    keras.utils.set_random_seed(0)
-    t = x.shape[1]
-    inp = keras.Input((t, t, 3), dtype="uint8")
-    h = layers.Rescaling(1 / 255)(inp)
+def _fit(ds_path: Path, kind: str, work: Path, client) -> Path:
+    """The models a user makes: ``hpcpath train`` on the dataset (its rule sets the task:
+    binary for tumour tiles, points for mitoses), plus one ``hpcpath mine`` round for the
+    mitosis model (tests/test_mitosis.py's recipe)."""
+    from hpcpath.config import TrainConfig
+    from hpcpath.train import train
+
+    out = work / "inf-runs-train" / kind
     if kind == "tumor":
-        h = layers.AveragePooling2D(4)(h)
-    for f in (16, 32, 32):
-        h = layers.Conv2D(f, 3, activation="relu", padding="same")(h)
-        h = layers.MaxPooling2D(2)(h)
-    h = layers.GlobalAveragePooling2D()(h) if kind == "tumor" else layers.Dense(32, activation="relu")(layers.Flatten()(h))
-    model = keras.Model(inp, layers.Dense(1, activation="sigmoid")(h))
-    model.compile("adam", "binary_crossentropy")
-    model.fit(x, y, epochs=8, batch_size=32, verbose=0)
-    return save_model(model, out, ModelMeta(patch_size=t, classes=("Tumor",) if kind == "tumor" else ("Mitosis",),
-                                            task="binary" if kind == "tumor" else "points",
-                                            architecture="small_cnn"))
+        cfg = {**TRAIN, "model": {"architecture": "small_cnn", "width": 8}}  # tests/test_infer.py's
+        return train(TrainConfig(dataset=str(ds_path), out=str(out), epochs=12, balance=None, **cfg)).model_dir
+    from hpcpath.train.mining import mine_slides
+
+    cfg = TrainConfig(dataset=str(ds_path), out=str(out), epochs=8, balance=None,
+                      mining={"oversample": 1}, **TRAIN)
+    first = train(cfg)
+    res = mine_slides(cfg, first.model_dir, out.with_name("mitosis-round1"), [work / "inf-train"],
+                      slide_dirs=[work / "inf-train"], client=client)
+    return Path(res["model_dir"])
 
 
 def _mobilenet(out: Path) -> Path:
-    """MobileNetV2 (alpha 0.5, random weights: no download) on 256 px uint8 tiles."""
+    """MobileNetV2 (alpha 0.5, random weights: no download) on 256 px uint8 tiles: a
+    throughput stand-in for a heavy backbone (``hpcpath train`` does not build MobileNet, and
+    training one here would cost minutes for weights the benchmark never looks at), so its
+    metadata is written here -- a binary heatmap model, never a points model."""
     import keras
     from keras import layers
 
@@ -96,15 +98,16 @@ def prepare(work: Path, size: int, n: int, client) -> dict:
     assert tile_slides([work / "inf-slides"], work / "inf-stores", TileConfig(), client=client).ok
     assert tile_slides([work / "inf-train"], work / "inf-train256", TileConfig(), client=client).ok
     assert tile_slides([work / "inf-train"], work / "inf-train64", TileConfig(tile_size=64), client=client).ok
+    every = {"fractions": (1.0, 0.0, 0.0)}
     assert build_dataset([work / "inf-train256"], sorted((work / "inf-train").glob("*.tumor.xml")),
-                         work / "inf-tumor.json", DatasetConfig(name="tumor"), client=client).ok
+                         work / "inf-tumor.json", DatasetConfig(name="tumor", split=every), client=client).ok
     assert build_dataset([work / "inf-train64"], sorted((work / "inf-train").glob("*.mitoses.csv")),
                          work / "inf-mitosis.json",
                          DatasetConfig(name="mitosis", rule="points", classes=("Mitosis",), jitter_px=4,
-                                       rotations=4, negatives_per_slide=600), client=client).ok
-    models = {"small_cnn": str(_fit(work / "inf-tumor.json", "tumor", work / "inf-models" / "tumor")),
+                                       rotations=4, negatives_per_slide=600, split=every), client=client).ok
+    models = {"small_cnn": str(_fit(work / "inf-tumor.json", "tumor", work, client)),
               "mobilenetv2": str(_mobilenet(work / "inf-models" / "mobilenet")),
-              "mitosis": str(_fit(work / "inf-mitosis.json", "mitosis", work / "inf-models" / "mitosis"))}
+              "mitosis": str(_fit(work / "inf-mitosis.json", "mitosis", work, client))}
     info = {"size": size, "slides": n, "models": models}
     done.write_text(json.dumps(info))
     return info
