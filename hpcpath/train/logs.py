@@ -7,8 +7,8 @@ in sync and read different data.
 Always, whatever ``audit`` says: ``ranks.json`` (every rank's host, local rank, CUDA device
 and the device that did the work: a GPU's name or CPU) and ``ranks-sync.jsonl`` (one line
 per epoch: every rank's checksum of all model weights after the epoch), written by rank 0
-from values gathered from every rank; each rank also prints its own line of both to stderr,
-so a job log shows hostnames and ranks.
+from values gathered from every rank; with several ranks each also prints its own line of
+both to stderr, so a job log shows hostnames and ranks.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def ranks_record(engine, out: Path) -> list[dict]:
           "device": engine.device, "engine": engine.name, "pid": os.getpid(),
           "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
           "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
-    print(f"hpcpath train: {engine.describe()}", file=sys.stderr, flush=True)
+    if engine.size > 1:  # a single process says its device in its last line
+        print(f"hpcpath train: {engine.describe()}", file=sys.stderr, flush=True)
     ranks = gather_json(engine, me)
     if engine.is_chief:
         out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +146,10 @@ def ranks_record(engine, out: Path) -> list[dict]:
 def rank_sync(engine, epoch: int, step: int, checksum: str, out: Path) -> list[str]:
     """Every rank's weight checksum after ``epoch`` (rank order); rank 0 appends them to
     ``ranks-sync.jsonl`` and warns when they differ."""
-    print(f"hpcpath train: epoch {epoch} step {step} rank {engine.rank}/{engine.size} on "
-          f"{socket.gethostname()} (local rank {engine.local_rank}): weights {checksum}",
-          file=sys.stderr, flush=True)
+    if engine.size > 1:
+        print(f"hpcpath train: epoch {epoch} step {step} rank {engine.rank}/{engine.size} on "
+              f"{socket.gethostname()} (local rank {engine.local_rank}): weights {checksum}",
+              file=sys.stderr, flush=True)
     sums = gather_json(engine, checksum)
     if engine.is_chief:
         _append_line(out / "ranks-sync.jsonl", {"epoch": epoch, "step": step, "checksums": sums})
