@@ -69,6 +69,9 @@ def cluster_client(
             # The dashboard's web server runs in this process for local and Slurm clusters; a
             # browser tab closed mid-handshake must not print a traceback into the run.
             stack.enter_context(_quiet_logs("tornado.application", "bokeh", level=logging.CRITICAL))
+            # A lost scheduler is said in one line by the stage loop; the client's own
+            # reconnect failure and its close-time tracebacks are not for the terminal.
+            stack.enter_context(_quiet_logs("distributed.client", level=logging.CRITICAL))
         cluster: Cluster | None = None
         target: str = spec.backend
         if not verbose:  # unwound after the cluster closed: see _quiet_shutdown
