@@ -551,27 +551,38 @@ def _render(sc: _Scene, x0: float, y0: float, ds: float, rows: int, cols: int) -
     return out
 
 
-def _draw_mitoses(sc: _Scene, hh, ee, x0, y0, ds):
-    """Very dark compact irregular blobs, drawn analytically so every level agrees."""
-    if not len(sc.mitoses):
+def _around(centres, m, shape, x0, y0, ds):
+    """Each centre within ``m`` level-0 px of this block: ``(index, window, dx, dy)``, with
+    ``dx, dy`` the level-0 offsets of the window's pixel centres from that centre."""
+    if not len(centres):
         return
-    rows, cols = hh.shape
-    m = sc.rr * 1.6
-    near = np.flatnonzero((sc.mitoses[:, 0] > x0 - m) & (sc.mitoses[:, 0] < x0 + cols * ds + m)
-                          & (sc.mitoses[:, 1] > y0 - m) & (sc.mitoses[:, 1] < y0 + rows * ds + m))
+    rows, cols = shape
+    near = np.flatnonzero((centres[:, 0] > x0 - m) & (centres[:, 0] < x0 + cols * ds + m)
+                          & (centres[:, 1] > y0 - m) & (centres[:, 1] < y0 + rows * ds + m))
     for i in near:
-        (mx, my), (anis, ang, *ha) = sc.mitoses[i], sc.mshape[i]
+        mx, my = centres[i]
         ra, rb = max(0, int((my - m - y0) / ds)), min(rows, int((my + m - y0) / ds) + 2)
         ca, cb = max(0, int((mx - m - x0) / ds)), min(cols, int((mx + m - x0) / ds) + 2)
         if ra >= rb or ca >= cb:
             continue
         dy, dx = np.meshgrid(y0 + (np.arange(ra, rb) + 0.5) * ds - my,
                              x0 + (np.arange(ca, cb) + 0.5) * ds - mx, indexing="ij")
-        u, v = dx * np.cos(ang) + dy * np.sin(ang), -dx * np.sin(ang) + dy * np.cos(ang)
-        rho, th = np.hypot(u / anis, v * anis), np.arctan2(v, u)
+        yield i, (slice(ra, rb), slice(ca, cb)), dx, dy
+
+
+def _polar(dx, dy, ang, anis):
+    """Radius and angle in a frame turned by ``ang`` and stretched by ``anis`` (blob shapes)."""
+    u, v = dx * np.cos(ang) + dy * np.sin(ang), -dx * np.sin(ang) + dy * np.cos(ang)
+    return np.hypot(u / anis, v * anis), np.arctan2(v, u)
+
+
+def _draw_mitoses(sc: _Scene, hh, ee, x0, y0, ds):
+    """Very dark compact irregular blobs, drawn analytically so every level agrees."""
+    for i, win, dx, dy in _around(sc.mitoses, sc.rr * 1.6, hh.shape, x0, y0, ds):
+        anis, ang, *ha = sc.mshape[i]
+        rho, th = _polar(dx, dy, ang, anis)
         edge = sc.rr * (1 + sum(ha[k] * np.cos((k + 2) * th + ha[k + 3]) for k in range(3)))
         alpha = np.clip((edge - rho) / ds + 0.5, 0, 1)
-        win = (slice(ra, rb), slice(ca, cb))
         hh[win] = np.maximum(hh[win], (alpha * sc.look.mitosis_od * _Q).astype(np.uint8))
         ee[win] = (ee[win] * (1 - 0.6 * alpha)).astype(np.uint8)
 
@@ -579,25 +590,11 @@ def _draw_mitoses(sc: _Scene, hh, ee, x0, y0, ds):
 def _draw_mimics(sc: _Scene, hh, ee, x0, y0, ds):
     """Dark round bodies that are not mitoses: apoptotic bodies (dense, smaller, in a clear
     eosinophilic halo) and lymphocytes (small, round, a little less dark)."""
-    if not len(sc.mimics):
-        return
-    rows, cols = hh.shape
-    m = sc.rr * 1.6
-    near = np.flatnonzero((sc.mimics[:, 0] > x0 - m) & (sc.mimics[:, 0] < x0 + cols * ds + m)
-                          & (sc.mimics[:, 1] > y0 - m) & (sc.mimics[:, 1] < y0 + rows * ds + m))
-    for i in near:
-        (mx, my), (rad, anis, ang, h3, p3) = sc.mimics[i], sc.mimic_shape[i]
-        ra, rb = max(0, int((my - m - y0) / ds)), min(rows, int((my + m - y0) / ds) + 2)
-        ca, cb = max(0, int((mx - m - x0) / ds)), min(cols, int((mx + m - x0) / ds) + 2)
-        if ra >= rb or ca >= cb:
-            continue
-        dy, dx = np.meshgrid(y0 + (np.arange(ra, rb) + 0.5) * ds - my,
-                             x0 + (np.arange(ca, cb) + 0.5) * ds - mx, indexing="ij")
-        u, v = dx * np.cos(ang) + dy * np.sin(ang), -dx * np.sin(ang) + dy * np.cos(ang)
-        rho, th = np.hypot(u / anis, v * anis), np.arctan2(v, u)
+    for i, win, dx, dy in _around(sc.mimics, sc.rr * 1.6, hh.shape, x0, y0, ds):
+        rad, anis, ang, h3, p3 = sc.mimic_shape[i]
+        rho, th = _polar(dx, dy, ang, anis)
         edge = rad * (1 + h3 * np.cos(3 * th + p3))
         alpha = np.clip((edge - rho) / ds + 0.5, 0, 1)
-        win = (slice(ra, rb), slice(ca, cb))
         h, e = hh[win].astype(np.float32), ee[win].astype(np.float32)
         if sc.mimic_kind[i] == 0:
             halo = np.clip((1.8 * edge - rho) / ds + 0.5, 0, 1) - alpha
