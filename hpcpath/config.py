@@ -62,6 +62,10 @@ class TileConfig(_Frozen):
         4.0, ge=1, description="level-0 downsample of the pyramid's finest level"
     )
     reader: Literal["auto", "openslide", "direct"] = "auto"
+    record_paths: bool = Field(
+        True, description="keep each slide's path as given in the manifest; false keeps only its "
+        "file name (a path can identify a patient; later stages then need --slides)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TileConfig":
@@ -84,7 +88,7 @@ class TileConfig(_Frozen):
 
     def params_key(self) -> str:
         """Digest of every option that changes a store's content (not how work is split)."""
-        content = self.model_dump(exclude={"tiles_per_task", "reader"})
+        content = self.model_dump(exclude={"tiles_per_task", "reader", "record_paths"})
         blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -476,6 +476,8 @@ def tile_slides(
         # read-only folder) never hides the other slides' lines: raised after the run
 
         def record(rec: SlideRecord) -> None:
+            if not cfg.record_paths:  # privacy: the folders a slide sits in stay out of outputs
+                rec.source = Path(rec.source).name
             records.append(rec)
             manifest.update(rec)
             emit("slide", {"record": rec})

@@ -156,3 +156,23 @@ def test_no_label_macro_or_identifying_property_in_any_output(run):
     for part in ("out/hpcpath-manifest.json", "out/hpcpath-logs", "runs/cnn/model", "preds", "report.html"):
         assert (run / part).exists(), part
     assert not found, "\n".join(found[:20])
+
+
+def test_names_only_keeps_slide_folders_out_of_every_output(tmp_path):
+    """A folder name can identify a patient (``/data/DOE_JANE_1957/slide.svs``): with
+    ``--names-only`` neither the manifest nor any other output holds it, and later stages find
+    the slides through ``--slides``."""
+    secret = "DOE_JANE_19570312"
+    slides = tmp_path / secret
+    subprocess.run([*HPCPATH, "synth", "-o", str(slides), "-n", "2", "--size", "2048x2048"],
+                   check=True, capture_output=True, timeout=300)
+    out = tmp_path / "out"
+    for cmd in (["tile", str(slides), "-o", str(out), "--names-only", "--tile-size", "128", "--workers", "1"],
+                ["dataset", "build", str(out), "-a", str(slides), "--slides", str(slides),
+                 "-o", str(out / "tumor.json"), "--context", "2", "--workers", "1"]):
+        proc = subprocess.run([*HPCPATH, *cmd], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    records = json.loads((out / "hpcpath-manifest.json").read_text())["slides"]
+    assert {r["source"] for r in records.values()} == {"slide_000.svs", "slide_001.svs"}
+    leaks = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaks, leaks

@@ -29,6 +29,8 @@ from hpcpath.cli.common import cluster_options, dask_session
               help="Level-0 downsample of the pyramid's finest level [4]; 1 = full resolution "
                    "(napari and other OME-Zarr viewers show the slide pixel for pixel).")
 @click.option("--reader", type=click.Choice(["auto", "openslide", "direct"]), help="Pixel reader [auto].")
+@click.option("--record-paths/--names-only", default=None,
+              help="Slide paths in the manifest [yes]; --names-only keeps file names (later stages then need --slides).")
 @click.option("--allow-empty", is_flag=True, help="Exit 0 even if some slide had nothing to tile.")
 @cluster_options
 def tile(inputs, out_dir, config_file, allow_empty, cluster, workers, **options):
