@@ -137,3 +137,22 @@ def test_data() -> Path:
     if not path.is_dir():
         missing_resource(f"test data not found at {path} (set HPCPATH_TEST_DATA)")
     return path
+
+
+def cli_dataset(root: Path, n: int, size: str, seed: int) -> Path:
+    """A small tumour dataset made the user's way - ``hpcpath synth``, ``tile`` (64-px tiles),
+    ``dataset build`` split half train / half val - under ``root``; returns the manifest."""
+    import sys
+
+    import yaml
+
+    split = root / "split.yaml"
+    split.write_text(yaml.safe_dump({"dataset": {"split": {"fractions": [0.5, 0.5, 0.0]}}}))
+    for args in (["synth", "-o", root / "slides", "-n", str(n), "--size", size, "--seed", str(seed)],
+                 ["tile", root / "slides", "-o", root / "stores", "--tile-size", "64", "--workers", "1"],
+                 ["dataset", "build", root / "stores", "-a", root / "slides", "-o", root / "tumor.json",
+                  "--config", split, "--workers", "1"]):
+        proc = subprocess.run([sys.executable, "-m", "hpcpath.cli.main", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "tumor.json"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, cli_dataset
 from hpcpath.config import InferConfig, TrainConfig
 from hpcpath.errors import ConfigError
 from hpcpath.gpu import GpuFacts, decide, setting_from_env, visible_ids
@@ -94,15 +94,7 @@ def test_facts_of_this_machine():
 def tiny(tmp_path_factory) -> Path:
     """Two small synthetic slides through the user's path: synth, tile, dataset build."""
     root = tmp_path_factory.mktemp("gpu")
-    split = root / "split.yaml"
-    split.write_text(yaml.safe_dump({"dataset": {"split": {"fractions": [0.5, 0.5, 0.0]}}}))
-    for args in (["synth", "-o", root / "slides", "-n", "2", "--size", "3072x3072", "--seed", "40"],
-                 ["tile", root / "slides", "-o", root / "stores", "--tile-size", "64", "--workers", "1"],
-                 ["dataset", "build", root / "stores", "-a", root / "slides", "-o", root / "tumor.json",
-                  "--config", split, "--workers", "1"]):
-        proc = subprocess.run([PY, "-m", "hpcpath.cli.main", *map(str, args)], capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    cli_dataset(root, 2, "3072x3072", 40)
     cfg = root / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"train": {
         "dataset": str(root / "tumor.json"), "out": str(root / "run"), "epochs": 1, "batch_size": 32,

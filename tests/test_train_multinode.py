@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, cli_dataset
 
 PY = sys.executable
 pytestmark = pytest.mark.slow
@@ -57,15 +57,7 @@ def data(local_slurm2):
     top = Path("/var/tmp/hpcpath-tests")
     top.mkdir(mode=0o1777, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="train-mn-", dir=top))
-    split = root / "split.yaml"
-    split.write_text(yaml.safe_dump({"dataset": {"split": {"fractions": [0.5, 0.5, 0.0]}}}))
-    for args in (["synth", "-o", root / "slides", "-n", "4", "--size", "3072x3072", "--seed", "30"],
-                 ["tile", root / "slides", "-o", root / "stores", "--tile-size", "64", "--workers", "1"],
-                 ["dataset", "build", root / "stores", "-a", root / "slides", "-o", root / "tumor.json",
-                  "--config", split, "--workers", "1"]):
-        proc = subprocess.run([PY, "-m", "hpcpath.cli.main", *map(str, args)], capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    cli_dataset(root, 4, "3072x3072", 30)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
