@@ -229,7 +229,7 @@ def test_every_bad_input_gets_one_line_and_the_docs_table_is_current():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-BOUNDED = settings(max_examples=60, deadline=2000, derandomize=True,
+BOUNDED = settings(max_examples=60, deadline=None, derandomize=True,  # bounded by count: a loaded CI machine must not fail a slow example
                    suppress_health_check=[HealthCheck.too_slow])
 _numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70),
                      st.sampled_from(["nan", "1e30", "-0", "", "x"]))
