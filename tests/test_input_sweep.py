@@ -226,7 +226,7 @@ def test_every_bad_input_gets_one_line_and_the_docs_table_is_current():
 
 
 # ------------------------------------------------------------------ property-based
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 BOUNDED = settings(max_examples=60, deadline=None, derandomize=True,  # bounded by count: a loaded CI machine must not fail a slow example
@@ -264,6 +264,8 @@ def _write(text: str, suffix: str) -> Path:
         "type": st.sampled_from(["Polygon", "MultiPolygon", "Point", "LineString", "Nope"]),
         "coordinates": st.lists(st.lists(st.lists(_numbers, max_size=3), max_size=5), max_size=2)}),
         "properties": _json}), max_size=3)})))
+@example(doc={"type": []})  # found by hypothesis: an unhashable "type" was a TypeError
+@example(doc={"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": {}}}]})
 def test_geojson_parser_loads_or_fails_in_one_line(doc):
     from hpcpath.annotations import read_annotations
 

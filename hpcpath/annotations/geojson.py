@@ -40,7 +40,7 @@ def _features(doc, src: str) -> list:
             return feats
         if kind == "Feature":
             return [doc]
-        if kind in _GEOMETRIES:
+        if isinstance(kind, str) and kind in _GEOMETRIES:  # "type" may be any JSON value
             return [{"type": "Feature", "geometry": doc, "properties": {}}]
     raise fail(src, "top level", "not a GeoJSON FeatureCollection, Feature or list of features")
 
@@ -88,7 +88,7 @@ def _geometry(geom, label: str, src: str, element: str, out: AnnotationSet) -> N
         for k, g in enumerate(geom.get("geometries") or []):
             _guarded(g, label, src, f"{element} geometry {k}", out)
         return
-    if kind not in _GEOMETRIES:
+    if not isinstance(kind, str) or kind not in _GEOMETRIES:
         raise fail(src, element, f"unknown geometry type {kind!r}")
     coords = geom.get("coordinates")
     if coords is None:
