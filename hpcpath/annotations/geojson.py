@@ -11,18 +11,31 @@ read is skipped with a warning: an unknown geometry type, coordinates that are n
 ``[x, y]`` numbers, a ring that does not end on its first vertex (GeoJSON rings are closed:
 an open one may be a truncated outline).  The shape's own defects are left to
 :meth:`AnnotationSet.validate`.  Only a document that is not GeoJSON at all fails.
+
+Writing: every GeoJSON hpcpath writes (detections, the synthetic slides' truth) is made by
+:func:`qupath_feature` and :func:`feature_collection_bytes`, so it is RFC 7946 and what
+QuPath's File > Import objects reads: a UUID ``id`` per feature, ``properties.objectType``,
+``properties.classification`` {name, color [r, g, b]}, ``properties.measurements`` (name ->
+number), level-0 pixel coordinates, closed rings (tests/schemas/ holds the schemas).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from hpcpath.annotations._errors import AnnotationError, fail, skip, warn
 from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, Region
 
-__all__ = ["read_geojson"]
+__all__ = ["read_geojson", "qupath_feature", "point_geometry", "polygon_geometry",
+           "feature_collection_bytes", "OBJECT_TYPES"]
+
+OBJECT_TYPES = ("annotation", "detection")
+_ID_NAMESPACE = uuid.UUID("8f0c2a4e-6b1d-4d59-9a57-3c1f5e0b7a21")
 
 _GEOMETRIES = {"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
                "MultiPolygon", "GeometryCollection"}
@@ -135,3 +148,46 @@ def read_geojson(doc, path) -> AnnotationSet:
             continue
         _guarded(geom, _label(feat.get("properties")), src, element, out)
     return out
+
+
+# ----------------------------------------------------------------------------- writing
+def point_geometry(x: float, y: float, ndigits: int | None = None) -> dict:
+    """A GeoJSON ``Point`` at level-0 pixel ``(x, y)``."""
+    xy = [float(x), float(y)]
+    return {"type": "Point", "coordinates": [round(v, ndigits) for v in xy] if ndigits is not None else xy}
+
+
+def polygon_geometry(rings: Sequence[np.ndarray]) -> dict:
+    """A GeoJSON ``Polygon`` from (n, 2) level-0 rings (outline, then holes), each closed
+    (its first vertex repeated at the end) as RFC 7946 requires."""
+    out = []
+    for ring in rings:
+        r = np.asarray(ring, np.float64).reshape(-1, 2)
+        if len(r) and (r[0] != r[-1]).any():
+            r = np.vstack([r, r[:1]])
+        out.append([[float(x), float(y)] for x, y in r])
+    return {"type": "Polygon", "coordinates": out}
+
+
+def qupath_feature(geometry: dict, name: str, color: Sequence[int], *, key: str,
+                   object_type: str = "annotation",
+                   measurements: Mapping[str, float] | None = None) -> dict:
+    """One feature as QuPath imports it.  ``key`` names the object uniquely within its
+    writer (e.g. ``slide/class/index``): the ``id`` is the UUID derived from it, so
+    identical inputs give byte-identical files."""
+    if object_type not in OBJECT_TYPES:
+        raise ValueError(f"objectType must be one of {OBJECT_TYPES}, not {object_type!r}")
+    props: dict = {"objectType": object_type,
+                   "classification": {"name": str(name), "color": [int(c) for c in color]},
+                   "isLocked": False}
+    if measurements:
+        props["measurements"] = {str(k): float(v) for k, v in measurements.items()}
+    return {"type": "Feature", "id": str(uuid.uuid5(_ID_NAMESPACE, key)), "geometry": geometry,
+            "properties": props}
+
+
+def feature_collection_bytes(features: Sequence[dict]) -> bytes:
+    """The FeatureCollection as compact UTF-8 JSON with a final newline.  NaN or infinite
+    numbers are refused (they are not JSON)."""
+    doc = {"type": "FeatureCollection", "features": list(features)}
+    return (json.dumps(doc, separators=(",", ":"), allow_nan=False) + "\n").encode()
