@@ -5,8 +5,11 @@ and pays its event-loop round trips on top; for a tile chunk that barely compres
 Blosc-lz4) those costs are as large as the decode itself, and the training reader is bound by
 them (measured: 1.8x the rate of ``arr[lo:hi]`` on one core).  For the codec chains hpcpath
 writes -- raw bytes, Blosc, or its JPEG codec, unsharded, on a local store -- ``ChunkReader``
-reads the chunk file and decodes it in place.  Anything else (other codecs, sharding, remote
-stores, a range that spans chunks) goes through zarr unchanged, so results never differ.
+reads the chunk file and decodes it in place.  Passthrough tile arrays (one JPEG or JPEG 2000
+tile per chunk inside shards, ``hpcpath.passthrough``) are read a shard at a time: one file
+read, then every tile decoded straight into its row of the block.  Anything else (other
+codecs, remote stores, a range that spans read units) goes through zarr unchanged, so results
+never differ.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ChunkReader"]
+__all__ = ["ChunkReader", "rows_per_read"]
 
 Decoder = Callable[[memoryview, np.ndarray], None]
 _scratch = threading.local()  # per thread: the encoded bytes of the chunk being decoded
@@ -35,18 +38,59 @@ def _read_file(path: str) -> memoryview:
     return memoryview(buf)[:n]
 
 
+def rows_per_read(arr) -> int:
+    """Rows of ``arr`` (chunked along axis 0) one file holds: a shard's, else a chunk's."""
+    shards = getattr(arr, "shards", None)
+    return int((shards or arr.chunks)[0])
+
+
+def _sharded_tiles(arr, sharding) -> Decoder | None:
+    """A shard of one-tile JPEG / JPEG 2000 chunks (index at the end, bytes + crc32c):
+    every present tile decoded into its row; absent ones get the fill value."""
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    from hpcpath.codecs import Jpeg2kCodec, JpegCodec
+
+    inner = tuple(sharding.codecs)
+    if (len(inner) != 1 or not isinstance(inner[0], (JpegCodec, Jpeg2kCodec))
+            or tuple(sharding.chunk_shape)[0] != 1 or sharding.index_location.value != "end"
+            or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]):
+        return None
+    import google_crc32c
+    import imagecodecs
+
+    decode = imagecodecs.jpeg8_decode if isinstance(inner[0], JpegCodec) else imagecodecs.jpeg2k_decode
+    n = int(arr.shards[0])
+    fill = arr.metadata.fill_value
+
+    def tiles(data: memoryview, out: np.ndarray) -> None:
+        raw = data[len(data) - 16 * n - 4 :]
+        if np.uint32(google_crc32c.value(bytes(raw[:-4]))).astype("<u4").tobytes() != bytes(raw[-4:]):
+            raise ValueError("shard index checksum mismatch")
+        index = np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
+        for i, (off, size) in enumerate(index.tolist()):
+            if off == 2**64 - 1:
+                out[i].fill(fill)
+            else:
+                decode(data[off : off + size], out=out[i])
+
+    return tiles
+
+
 def _decoder(arr) -> Decoder | None:
     """How to decode one chunk file of ``arr`` into a buffer, or None where only zarr can."""
-    from zarr.codecs import BloscCodec, BytesCodec
+    from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec
 
     from hpcpath.codecs import JpegCodec
 
     meta = arr.metadata
     if getattr(meta, "zarr_format", None) != 3 or not hasattr(arr.store_path.store, "root"):
         return None
-    if arr.dtype.itemsize != 1 or tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
-        return None  # multi-byte (endianness) or rows split over several chunks
     codecs = tuple(meta.codecs)
+    if arr.dtype.itemsize != 1 or tuple((arr.shards or arr.chunks)[1:]) != tuple(arr.shape[1:]):
+        return None  # multi-byte (endianness) or rows split over several files
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        return _sharded_tiles(arr, codecs[0]) if arr.ndim == 4 else None
     if len(codecs) == 1 and isinstance(codecs[0], BytesCodec):
         return lambda data, out: out.reshape(-1).__setitem__(slice(None), np.frombuffer(data, np.uint8))
     if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec):
@@ -68,7 +112,7 @@ class ChunkReader:
 
     def __init__(self, arr) -> None:
         self.array = arr
-        self.rows_per_chunk = int(arr.chunks[0])
+        self.rows_per_chunk = rows_per_read(arr)  # rows per file: the read unit
         self._decode = _decoder(arr)
         if self._decode is not None:
             self._dir = os.path.join(str(arr.store_path.store.root), arr.store_path.path)
@@ -85,7 +129,7 @@ class ChunkReader:
         if self._decode is None or hi > (c + 1) * n or hi <= lo:
             return self.array[lo:hi]
         key = self.array.metadata.encode_chunk_key((c,) + (0,) * (self.array.ndim - 1))
-        block = np.empty(self.array.chunks, self.array.dtype)
+        block = np.empty((n, *self.array.shape[1:]), self.array.dtype)
         try:
             data = _read_file(os.path.join(self._dir, key))
         except FileNotFoundError:  # never written: zarr's fill value

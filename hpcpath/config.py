@@ -55,6 +55,11 @@ class TileConfig(_Frozen):
     )
     codec: Literal["blosc-lz4", "blosc-zstd", "jpeg", "none"] = "blosc-lz4"
     jpeg_quality: int = Field(90, ge=1, le=100)
+    passthrough: Literal["auto", "never"] = Field(
+        "auto", description="auto: where the slide's native tiles are JPEG / JPEG 2000 and the tile "
+        "grid is theirs, store their bytes unchanged (no decode, no re-encode; codec is then "
+        "ignored); never: always decode and encode with codec",
+    )
     chunk_tiles: int = Field(64, ge=1, description="tiles per Zarr chunk of the tile array")
     tiles_per_task: int = Field(256, ge=1, description="tiles one Dask task reads and writes")
     pyramid: bool = True

@@ -22,6 +22,9 @@ from hpcpath.cli.common import cluster_options, dask_session
 @click.option("--tissue-method", type=click.Choice(["saturation", "od"]), help="Tissue detector [saturation].")
 @click.option("--codec", type=click.Choice(["blosc-lz4", "blosc-zstd", "jpeg", "none"]), help="Tile array codec [blosc-lz4].")
 @click.option("--jpeg-quality", type=int, help="Quality for --codec jpeg [90].")
+@click.option("--passthrough", type=click.Choice(["auto", "never"]),
+              help="auto: store a JPEG slide's own tiles unchanged where the tile grid is theirs "
+                   "(--codec is then ignored); never: always decode and re-encode [auto].")
 @click.option("--chunk-tiles", type=int, help="Tiles per Zarr chunk [64].")
 @click.option("--tiles-per-task", type=int, help="Tiles per Dask task [256].")
 @click.option("--pyramid/--no-pyramid", default=None, help="Write the OME-NGFF overview pyramid [yes].")

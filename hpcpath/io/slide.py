@@ -187,6 +187,15 @@ class _DirectTiff:
         page = self._pages[level]
         return page.tilewidth, page.tilelength
 
+    def page(self, level: int):
+        """The tifffile page behind ``level`` (compression, tables, offsets)."""
+        return self._pages[level]
+
+    def raw(self, level: int, index: int) -> bytes:
+        """Tile ``index`` of ``level`` as stored in the file: compressed, not decoded."""
+        page = self._pages[level]
+        return os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
+
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels [y:y+h, x:x+w] of ``level`` (level coordinates, inside the level)."""
         page = self._pages[level]
@@ -277,6 +286,11 @@ class Slide:
         self.backend = backend
 
     @property
+    def background(self) -> np.ndarray:
+        """The slide's background colour (RGB uint8): what areas with no pixels show."""
+        return self._background
+
+    @property
     def level_count(self) -> int:
         return len(self.info.level_dimensions)
 
@@ -286,6 +300,18 @@ class Slide:
     def native_tile_size(self, level: int) -> tuple[int, int] | None:
         """(width, height) of the stored tiles when the direct reader serves ``level``."""
         return self._direct.tile_size(level) if self.uses_direct(level) else None
+
+    def native_page(self, level: int):
+        """The tifffile page of ``level`` when the direct reader serves it, else None: where
+        passthrough tiling finds the stored tiles' compression, tables and byte ranges."""
+        return self._direct.page(level) if self.uses_direct(level) else None
+
+    def raw_tile(self, level: int, index: int) -> bytes:
+        """Stored (compressed) bytes of native tile ``index`` at ``level``; direct levels only."""
+        try:
+            return self._direct.raw(level, index)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001
+            raise SlideError(f"cannot read tile {index} at level {level} ({exc})", self.path) from None
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of the region at ``level`` starting at level coords (x, y)."""
