@@ -108,18 +108,7 @@ def tumour(w: Path, a, log: Path) -> dict:
             "froc": (m.get("froc") or {}).get("score")}
 
 
-MITOSIS_YAML = """\
-dataset: {dataset}
-out: {out}
-epochs: 8
-batch_size: 32
-balance: null
-val_split: null
-model: {{architecture: small_cnn, width: 16}}
-optimizer: {{name: adam, learning_rate: 0.002}}
-augmentation: {{brightness: 0.1, contrast: [0.8, 1.0], saturation: [0.9, 1.0], hue: 0.02}}
-mining: {{oversample: 1}}
-"""
+MITOSIS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train-tupac-mitosis.yaml"
 
 
 def mitosis(w: Path, a, log: Path) -> dict:
@@ -139,11 +128,10 @@ def mitosis(w: Path, a, log: Path) -> dict:
         "--class", "Mitosis", "--name", "mitosis", "--jitter", "4", "--rotations", "4",
         "--negatives-per-slide", "600", "--config", str(m / "dataset.yaml"),
         "-o", str(m / "mitosis.json"), "--workers", "1", log=log)
-    cfg = m / "mitosis.yaml"
-    cfg.write_text(MITOSIS_YAML.format(dataset=m / "mitosis.json", out=m / "run"))
-    run("train", str(cfg), log=log)
-    run("mine", str(cfg), "--model", str(m / "run" / "model"), "-a", str(m / "train"),
-        "--slides", str(m / "train"), "-o", str(m / "round1"), "--workers", "1", log=log)
+    ds = str(m / "mitosis.json")
+    run("train", str(MITOSIS_CONFIG), "--dataset", ds, "-o", str(m / "run"), log=log)
+    run("mine", str(MITOSIS_CONFIG), "--dataset", ds, "--model", str(m / "run" / "model"),
+        "-a", str(m / "train"), "--slides", str(m / "train"), "-o", str(m / "round1"), "--workers", "1", log=log)
     run("infer", "--model", str(m / "round1" / "train" / "model"), str(m / "test"),
         "--mode", "two-stage", "-o", str(m / "inf"), "--workers", "1", log=log)
     run("evaluate", "detections", str(m / "inf"), "-t", str(m / "test" / "*.mitoses.csv"),

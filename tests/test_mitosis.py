@@ -23,18 +23,7 @@ import pytest
 HPCPATH = [sys.executable, "-m", "hpcpath.cli.main"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # ~7 min on 2 idle cores
 
-TRAIN_YAML = """\
-dataset: {dataset}
-out: {out}
-epochs: {epochs}
-batch_size: 32
-balance: null
-val_split: null
-model: {{architecture: small_cnn, width: 16}}
-optimizer: {{name: adam, learning_rate: 0.002}}
-augmentation: {{brightness: 0.1, contrast: [0.8, 1.0], saturation: [0.9, 1.0], hue: 0.02}}
-mining: {{oversample: 1}}
-"""
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train-tupac-mitosis.yaml"
 TEST_MITOSES = {"slide_a": 5, "slide_b": 10, "slide_c": 40}  # proliferation 1, 2, 3 (about)
 
 
@@ -61,11 +50,9 @@ def points_dataset(tmp_path_factory):
     return root
 
 
-def _train(root: Path, out: str, epochs: int) -> Path:
-    cfg = root / f"{out}.yaml"
-    cfg.write_text(TRAIN_YAML.format(dataset="mitosis.json", out=out, epochs=epochs))
-    cli("train", cfg.name, cwd=root)
-    return cfg
+def _train(root: Path, out: str, epochs: int) -> None:
+    """The shipped recipe (configs/train-tupac-mitosis.yaml) on this dataset."""
+    cli("train", CONFIG, "--dataset", "mitosis.json", "-o", out, "--epochs", epochs, cwd=root)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -79,10 +66,11 @@ def _truth(path: Path) -> np.ndarray:
 
 def test_cli_mitosis_path_reaches_f1_08_with_proliferation_and_kappa(points_dataset):
     root = points_dataset
-    cfg = _train(root, "run", 8)
+    _train(root, "run", 8)
     meta = json.loads((root / "run" / "model" / "hpcpath-model.json").read_text())
     assert meta["task"] == "points" and meta["classes"] == ["Mitosis"]  # from the dataset's rule
-    cli("mine", cfg.name, "--model", "run/model", "-a", "train", "--slides", "train", "-o", "round1",
+    cli("mine", CONFIG, "--dataset", "mitosis.json", "--model", "run/model", "-a", "train",
+        "--slides", "train", "-o", "round1",
         "--workers", 1, cwd=root)
     model = root / "round1" / "train" / "model"
     assert json.loads((model / "hpcpath-model.json").read_text())["task"] == "points"
@@ -134,12 +122,11 @@ def test_mining_round_adds_far_false_positives_as_negatives_and_retrains(points_
     from hpcpath.io import open_slide
 
     root = points_dataset
-    cfg = root / "weak.yaml"
-    cfg.write_text(TRAIN_YAML.format(dataset="mitosis.json", out="weak", epochs=1))
-    cli("train", cfg.name, cwd=root)
+    _train(root, "weak", 1)
     out = tmp_path / "round"
     thr = 0.3
-    proc = cli("mine", cfg.name, "--model", "weak/model", "-a", "train", "--slides", "train",
+    proc = cli("mine", CONFIG, "--dataset", "mitosis.json", "-s", "epochs=1", "--model", "weak/model",
+               "-a", "train", "--slides", "train",
                "-o", out, "--threshold", thr, "--workers", 1, cwd=root)
     assert "far from every truth" in proc.stderr
     old = json.loads((root / "mitosis.json").read_text())
