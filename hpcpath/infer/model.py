@@ -146,6 +146,13 @@ class LoadedModel:
     n_outputs: int
     _fns: dict
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """One name per output channel: the model folder's class names, or ``output_<i>``
+        when their count does not match the outputs (inference and ``hpcpath serve`` agree)."""
+        names = tuple(self.meta.classes)
+        return names if len(names) == self.n_outputs else tuple(f"output_{i}" for i in range(self.n_outputs))
+
     def predict(self, inputs: dict[str, np.ndarray] | np.ndarray, batch_size: int,
                 tta: bool = False, *, xla: bool = False, mixed: bool = False) -> np.ndarray:
         """Scores for one batch (``len <= batch_size``), padded to ``batch_size`` so the

@@ -102,8 +102,7 @@ def _plan(store, slide_path, model_dir, name, cfg, params_key, model_info):
         raise SlideError(
             f"slide file {meta['slide']['source_name']!r} not found (needed to read windows at "
             "this stride or for two-stage detection); pass --slides DIR", store)
-    classes = tuple(mm.classes) if len(mm.classes) == lm.n_outputs else tuple(
-        f"output_{i}" for i in range(lm.n_outputs))
+    classes = lm.classes
     if cfg.score_class is not None:
         if cfg.score_class not in classes:
             raise ConfigError(f"score_class {cfg.score_class!r} is not one of the model's classes "
