@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcpath.errors import ConfigError
 
-__all__ = ["TileConfig", "DatasetConfig", "InferConfig", "AugmentConfig", "SplitConfig", "TrainConfig", "load_model", "read_yaml",
+__all__ = ["TileConfig", "DatasetConfig", "InferConfig", "ServeConfig", "AugmentConfig", "SplitConfig", "TrainConfig", "load_model", "read_yaml",
            "describe_error"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -362,6 +362,37 @@ class InferConfig(_Frozen):
         data.update({k: v for k, v in overrides.items() if v is not None})
         return load_model(cls, data, source=str(path) if path else "infer options", prefix=prefix)
 
+
+class ServeConfig(_Frozen):
+    """``hpcpath serve``: where it listens and what it accepts.  Loopback unless ``host``
+    says otherwise; ``roots`` are the only folders ``POST /slides`` may name."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on (loopback by default)")
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_mb: float = Field(8.0, gt=0, le=1024, description="largest request body, MiB (413 above)")
+    max_batch: int = Field(256, ge=1, le=65536, description="most patches in one .npy upload")
+    max_queue: int = Field(64, ge=1, description="slide jobs waiting at most (503 above)")
+    roots: tuple[str, ...] = Field((), description="folders POST /slides may read slides and stores from")
+    out: str | None = Field(None, description="folder for slide jobs' outputs (default: a new temp folder)")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * (1 << 20))
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @classmethod
+    def load(cls, **overrides: Any) -> "ServeConfig":
+        return load_model(cls, {k: v for k, v in overrides.items() if v is not None}, source="serve options")
 
 def read_yaml(path: str | os.PathLike, section: str | None = None) -> tuple[dict[str, Any], str]:
     """The mapping in a YAML file, and the key prefix for messages.

@@ -42,7 +42,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from hpcpath.cli import dataset, evaluate, infer, info, report, synth, tile, train
+    from hpcpath.cli import dataset, evaluate, infer, info, report, serve, synth, tile, train
 
     cli.add_command(tile.tile)
     cli.add_command(dataset.dataset)
@@ -53,6 +53,7 @@ def _register() -> None:
     cli.add_command(synth.synth)
     cli.add_command(info.info)
     cli.add_command(report.report)
+    cli.add_command(serve.serve)
 
 
 _register()
