@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ChunkReader", "rows_per_read"]
+__all__ = ["ChunkReader", "rows_per_read", "passthrough_format"]
 
 Decoder = Callable[[memoryview, np.ndarray], None]
 _scratch = threading.local()  # per thread: the encoded bytes of the chunk being decoded
@@ -44,32 +44,48 @@ def rows_per_read(arr) -> int:
     return int((shards or arr.chunks)[0])
 
 
-def _sharded_tiles(arr, sharding) -> Decoder | None:
-    """A shard of one-tile JPEG / JPEG 2000 chunks (index at the end, bytes + crc32c):
-    every present tile decoded into its row; absent ones get the fill value."""
-    from zarr.codecs import BytesCodec, Crc32cCodec
+def passthrough_format(arr) -> str | None:
+    """``"jpeg"`` / ``"jpeg2k"`` for a passthrough tile array (shards of one-tile chunks,
+    index at the end with bytes + crc32c codecs, hpcpath's image codec inside), else None."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
     from hpcpath.codecs import Jpeg2kCodec, JpegCodec
 
+    codecs = tuple(getattr(arr.metadata, "codecs", ()))
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or arr.ndim != 4:
+        return None
+    sharding = codecs[0]
     inner = tuple(sharding.codecs)
     if (len(inner) != 1 or not isinstance(inner[0], (JpegCodec, Jpeg2kCodec))
             or tuple(sharding.chunk_shape)[0] != 1 or sharding.index_location.value != "end"
             or [type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]):
         return None
+    return "jpeg" if isinstance(inner[0], JpegCodec) else "jpeg2k"
+
+
+def _shard_index(data: memoryview, n: int) -> list[tuple[int, int]]:
+    """(offset, size) of each of a shard's ``n`` inner chunks (offset -1: absent)."""
     import google_crc32c
+
+    raw = data[len(data) - 16 * n - 4 :]
+    if np.uint32(google_crc32c.value(bytes(raw[:-4]))).astype("<u4").tobytes() != bytes(raw[-4:]):
+        raise ValueError("shard index checksum mismatch")
+    index = np.frombuffer(raw[:-4], "<u8").reshape(n, 2).astype(np.int64)  # 2**64-1 -> -1
+    return [(int(o), int(k)) for o, k in index.tolist()]
+
+
+def _sharded_tiles(arr, fmt: str) -> Decoder:
+    """A passthrough shard: every present tile decoded into its row; absent ones get the
+    fill value."""
     import imagecodecs
 
-    decode = imagecodecs.jpeg8_decode if isinstance(inner[0], JpegCodec) else imagecodecs.jpeg2k_decode
+    decode = imagecodecs.jpeg8_decode if fmt == "jpeg" else imagecodecs.jpeg2k_decode
     n = int(arr.shards[0])
     fill = arr.metadata.fill_value
 
     def tiles(data: memoryview, out: np.ndarray) -> None:
-        raw = data[len(data) - 16 * n - 4 :]
-        if np.uint32(google_crc32c.value(bytes(raw[:-4]))).astype("<u4").tobytes() != bytes(raw[-4:]):
-            raise ValueError("shard index checksum mismatch")
-        index = np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
-        for i, (off, size) in enumerate(index.tolist()):
-            if off == 2**64 - 1:
+        for i, (off, size) in enumerate(_shard_index(data, n)):
+            if off < 0:
                 out[i].fill(fill)
             else:
                 decode(data[off : off + size], out=out[i])
@@ -90,7 +106,8 @@ def _decoder(arr) -> Decoder | None:
     if arr.dtype.itemsize != 1 or tuple((arr.shards or arr.chunks)[1:]) != tuple(arr.shape[1:]):
         return None  # multi-byte (endianness) or rows split over several files
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-        return _sharded_tiles(arr, codecs[0]) if arr.ndim == 4 else None
+        fmt = passthrough_format(arr)
+        return _sharded_tiles(arr, fmt) if fmt else None
     if len(codecs) == 1 and isinstance(codecs[0], BytesCodec):
         return lambda data, out: out.reshape(-1).__setitem__(slice(None), np.frombuffer(data, np.uint8))
     if len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec):
@@ -114,8 +131,33 @@ class ChunkReader:
         self.array = arr
         self.rows_per_chunk = rows_per_read(arr)  # rows per file: the read unit
         self._decode = _decoder(arr)
+        self._encoded = passthrough_format(arr) if self._decode is not None else None
         if self._decode is not None:
             self._dir = os.path.join(str(arr.store_path.store.root), arr.store_path.path)
+
+    @property
+    def encoded_format(self) -> str | None:
+        """``"jpeg"`` / ``"jpeg2k"`` where ``read_encoded`` serves the stored tiles undecoded
+        (passthrough arrays on a local store), else None."""
+        return self._encoded
+
+    def read_encoded(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` (within one shard) as an object array of standalone encoded tiles,
+        for a decoder elsewhere (``tf.io.decode_jpeg`` inside tf.data)."""
+        n = self.rows_per_chunk
+        c = lo // n
+        if self._encoded is None or hi > (c + 1) * n or hi <= lo:
+            raise ValueError(f"rows {lo}:{hi} are not in one passthrough shard")
+        key = self.array.metadata.encode_chunk_key((c,) + (0,) * (self.array.ndim - 1))
+        data = _read_file(os.path.join(self._dir, key))
+        index = _shard_index(data, n)
+        out = np.empty(hi - lo, object)
+        for i in range(lo, hi):
+            off, size = index[i - c * n]
+            if off < 0:
+                raise ValueError(f"tile {i} was never written")
+            out[i - lo] = bytes(data[off : off + size])
+        return out
 
     @property
     def direct(self) -> bool:

@@ -167,3 +167,9 @@ def test_cli_tile_dataset_train_reader_on_a_passthrough_store(synth_slide, tmp_p
     assert np.array_equal(batch.images, openslide_tiles(synth_slide, root["tiles/index"][:], 256))
     x, y = next(iter(ds.select("train").to_tf(8, shuffle=True)))
     assert tuple(x.shape) == (8, 256, 256, 3) and x.dtype.name == "uint8" and tuple(y.shape) == (8,)
+    # the stored JPEG tiles decoded inside tf.data (tf.io.decode_jpeg): the same pixels
+    assert ds.encoded_format() == "jpeg"
+    enc = next(ds.batches(len(ds), encoded=True)).images
+    assert enc.dtype == object and enc[0][:2] == b"\xff\xd8"
+    got = np.concatenate([x.numpy() for x, _ in ds.to_tf(8, shuffle=False, decode="tf")])
+    assert np.array_equal(got, batch.images)

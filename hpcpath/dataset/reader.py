@@ -141,10 +141,13 @@ class PatchDataset:
     def batches(
         self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
         context: bool = True, drop_remainder: bool = False, buffer_units: int = 4,
+        encoded: bool = False,
     ) -> Iterator[Batch]:
         """Stream batches.  Read units are visited in a (seeded, per-epoch) random order and
         items are shuffled within a buffer of ``buffer_units`` units, so memory stays at a
-        few chunks whatever the dataset size.  Each item is copied once, into its batch."""
+        few chunks whatever the dataset size.  Each item is copied once, into its batch.
+        ``encoded``: images are the stored JPEG tiles of passthrough stores, undecoded (an
+        object array of bytes; see ``encoded_format``), for decoding inside tf.data."""
         keep_large_buffers()
         rng = np.random.default_rng([seed, epoch])
         unit_key = self.store_of.astype(np.int64) * (1 << 32) + self.chunk
@@ -155,7 +158,7 @@ class PatchDataset:
         parts: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
         queue = np.zeros((0, 2), np.int64)  # (part, row) not yet served
         for pos, u in enumerate(order):
-            parts.append(self._read(members[bounds[u] : bounds[u + 1]], context))
+            parts.append(self._read(members[bounds[u] : bounds[u + 1]], context, encoded))
             n_new = len(parts[-1]["slide"][1])
             queue = np.concatenate([queue, np.stack([np.full(n_new, len(parts) - 1), np.arange(n_new)], 1)])
             last = pos == len(order) - 1
@@ -172,7 +175,7 @@ class PatchDataset:
         if len(queue) and not drop_remainder:
             yield _gather(parts, queue)
 
-    def _read(self, idx: np.ndarray, context: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _read(self, idx: np.ndarray, context: bool, encoded: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The chunk holding items ``idx``, one read per array, and where each item sits in
         it: ``name -> (block, row of each item in block)``.  Items are not picked out here --
         ``_gather`` copies each one once, straight from the decoded block into its batch."""
@@ -181,8 +184,10 @@ class PatchDataset:
         items = self.item[idx]
         rows = arr.rows(items)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        images, local = arr.images.read(lo, hi), rows - lo
+        images, local = (arr.images.read_encoded if encoded else arr.images.read)(lo, hi), rows - lo
         rot = arr.rotation[items]
+        if rot.any() and encoded:
+            raise HpcpathError("rotated items cannot be served encoded", self.stores[s])
         if rot.any():
             images = np.stack([np.rot90(images[r], k) for r, k in zip(local, rot)])
             local = np.arange(len(idx))
@@ -195,15 +200,26 @@ class PatchDataset:
                 out[f"context/{name}"] = (carr.read(i0, i1), items - i0)
         return out
 
+    def encoded_format(self) -> str | None:
+        """``"jpeg"`` when every store's items are passthrough JPEG tiles (``batches(encoded=
+        True)`` and ``to_tf(decode="tf")`` then work), else None."""
+        fmts = {self._arrays(s).images.encoded_format if self._arrays(s).item_index is not None else None
+                for s in np.unique(self.store_of).tolist()}
+        return "jpeg" if fmts == {"jpeg"} else None
+
     def to_tf(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, augment=None,
-              context: bool = False, repeat: bool = False, prefetch: int = 2, dtype: str = "uint8"):
+              context: bool = False, repeat: bool = False, prefetch: int = 2, dtype: str = "uint8",
+              decode: str = "reader"):
         """A ``tf.data.Dataset`` of ``(images, labels float32)`` batches, images uint8 (or
         float32 in [0, 1]); with context ``({"main": ..., "context_<r>": ...}, labels)``.
+        ``decode="tf"`` (passthrough JPEG stores): the reader hands over the stored JPEG tiles
+        and ``tf.io.decode_jpeg`` decodes them in a parallel map, on TensorFlow's threads.
         Needs the ``train`` extra."""
         from hpcpath.dataset.tfdata import to_tf_dataset
 
         return to_tf_dataset(self, batch_size, shuffle=shuffle, seed=seed, augment=augment,
-                             context=context, repeat=repeat, prefetch=prefetch, dtype=dtype)
+                             context=context, repeat=repeat, prefetch=prefetch, dtype=dtype,
+                             decode=decode)
 
 
 def open_dataset(path: str | os.PathLike) -> PatchDataset:
@@ -267,7 +283,8 @@ def _gather(parts: list[dict[str, tuple[np.ndarray, np.ndarray]]], queue: np.nda
     first = parts[int(queue[0, 0])]
     out = {}
     for k, (ref, _) in first.items():
-        dst = _aligned_empty((len(queue), *ref.shape[1:]), ref.dtype)
+        dst = (np.empty(len(queue), object) if ref.dtype == object  # encoded tiles
+               else _aligned_empty((len(queue), *ref.shape[1:]), ref.dtype))
         for a, b in spans:
             block, local = parts[int(queue[a, 0])][k]
             np.take(block, local[queue[a:b, 1]], axis=0, out=dst[a:b], mode="clip")  # unbuffered

@@ -87,12 +87,15 @@ def augment_batch(images, cfg: AugmentConfig, seed=None, rnd=None, dtype="float3
 def batches_to_tf(batches: Callable[[], Iterable["Batch"]], *, patch_size: int,
                   label_shape: tuple[int, ...], context_names: Sequence[str] = (),
                   augment: AugmentConfig | None = None, dtype: str = "uint8", prefetch: int = 2,
-                  on_batch: Callable[["Batch"], None] | None = None):
+                  on_batch: Callable[["Batch"], None] | None = None, encoded: bool = False):
     """The one hand-off from NumPy batches to ``tf.data``.  ``batches()`` is called each time
     the dataset is (re)started.  Elements are ``(x, labels float32 of label_shape)``; x is the
     image batch, or ``{"main": ..., "context_<name>": ...}`` with context patches.  Augmented
     inputs of one item share one draw (the same turn, flip and colours for main and context
-    patches, which show the same place).  Batch memory is adopted by TensorFlow, not copied."""
+    patches, which show the same place).  Batch memory is adopted by TensorFlow, not copied.
+    ``encoded``: the batches' images are standalone JPEG files (passthrough stores, no context
+    inputs), decoded here by ``tf.io.decode_jpeg`` in a parallel map -- exactly the stored
+    pixels with the accurate integer IDCT (the fast one is off by up to 2 levels)."""
     import tensorflow as tf
 
     if dtype not in ("uint8", "float32"):
@@ -110,8 +113,19 @@ def batches_to_tf(batches: Callable[[], Iterable["Batch"]], *, patch_size: int,
             yield (b.images if single else (b.images, *[b.context[c] for c in context_names])), y
 
     img = tf.TensorSpec((None, patch_size, patch_size, 3), tf.uint8)
+    if encoded and not single:
+        raise ValueError("encoded images are served without context inputs")
+    main = tf.TensorSpec((None,), tf.string) if encoded else img
     out = tf.data.Dataset.from_generator(gen, output_signature=(
-        img if single else tuple(img for _ in names), tf.TensorSpec((None, *label_shape), tf.float32)))
+        main if single else tuple(img for _ in names), tf.TensorSpec((None, *label_shape), tf.float32)))
+    if encoded:
+        tile = tf.TensorSpec((patch_size, patch_size, 3), tf.uint8)
+
+        def decode(x, y):
+            return tf.map_fn(lambda s: tf.io.decode_jpeg(s, channels=3, dct_method="INTEGER_ACCURATE"),
+                             x, fn_output_signature=tile), y
+
+        out = out.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def convert(x, y):
         xs = [x] if single else list(x)
@@ -131,8 +145,13 @@ def batches_to_tf(batches: Callable[[], Iterable["Batch"]], *, patch_size: int,
 
 def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, seed: int = 0,
                   augment: AugmentConfig | bool | None = None, context: bool = False,
-                  repeat: bool = False, prefetch: int = 2, dtype: str = "uint8"):
+                  repeat: bool = False, prefetch: int = 2, dtype: str = "uint8", decode: str = "reader"):
     """``PatchDataset.to_tf``: each pass over the dataset a new (seeded) epoch."""
+    if decode not in ("reader", "tf"):
+        raise ValueError(f"decode must be 'reader' or 'tf', got {decode!r}")
+    encoded = decode == "tf"
+    if encoded and (context or ds.encoded_format() != "jpeg"):
+        raise ValueError("decode='tf' needs passthrough JPEG stores and no context inputs")
     if augment is True:
         augment = AugmentConfig()
     first = next(ds.batches(1, context=context), None)
@@ -141,9 +160,10 @@ def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, 
     epoch = iter(range(1 << 62))
 
     def epoch_batches():
-        return ds.batches(batch_size, shuffle=shuffle, seed=seed, epoch=next(epoch), context=context)
+        return ds.batches(batch_size, shuffle=shuffle, seed=seed, epoch=next(epoch), context=context,
+                          encoded=encoded)
 
     out = batches_to_tf(epoch_batches, patch_size=first.images.shape[1], label_shape=first.labels.shape[1:],
                         context_names=sorted(first.context) if context else (),
-                        augment=augment or None, dtype=dtype, prefetch=prefetch)
+                        augment=augment or None, dtype=dtype, prefetch=prefetch, encoded=encoded)
     return out.repeat() if repeat else out
