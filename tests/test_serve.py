@@ -214,11 +214,20 @@ def test_slide_paths_stay_inside_the_roots(client, tmp_path):
     assert client.get("/slides").json() == []  # nothing was queued
 
 
+def _wait(c, job: dict, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1)
+        job = c.get(f"/slides/{job['id']}").json()
+    return job
+
+
 @pytest.mark.slow
 def test_slide_job_runs_to_done_on_a_local_cluster(models, tmp_path):
     """POST /slides on a small synthetic slide, a points model, a real LocalCluster (started by
     the first job through the CLI's session code): queued/running -> done, the heatmap PNG
-    decodes, the detections are QuPath GeoJSON, the summary has the slide's scores."""
+    decodes, the detections are QuPath GeoJSON, the summary has the slide's scores; then the
+    store that job made, named relative to a root, as a second job."""
     from PIL import Image
     from starlette.testclient import TestClient
 
@@ -226,7 +235,9 @@ def test_slide_job_runs_to_done_on_a_local_cluster(models, tmp_path):
     from hpcpath.synth import make_cohort
 
     make_cohort(tmp_path / "slides", n=1, width=2048, height=2048, seed=7)
-    app = create_app(models / "mitosis", ServeConfig(roots=(str(tmp_path / "slides"),), out=str(tmp_path / "out")),
+    (tmp_path / "out").mkdir()
+    roots = (str(tmp_path / "slides"), str(tmp_path / "out"))
+    app = create_app(models / "mitosis", ServeConfig(roots=roots, out=str(tmp_path / "out")),
                      cluster="local", workers=1)
     with TestClient(app, base_url=HOST) as c:
         r = c.post("/slides", json={"path": "slide_000.svs"})
@@ -234,10 +245,7 @@ def test_slide_job_runs_to_done_on_a_local_cluster(models, tmp_path):
         job = r.json()
         assert job["status"] in ("queued", "running") and job["result"] is None
         assert c.get(f"/slides/{job['id']}/heatmap.png").status_code in (409, 200)
-        deadline = time.monotonic() + 300
-        while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(1)
-            job = c.get(f"/slides/{job['id']}").json()
+        job = _wait(c, job)
         assert job["status"] == "done", job
         assert job["slide_id"] == "slide_000" and job["message"] is None
         assert job["result"]["summary"]["windows"] > 0 and 0 <= job["result"]["summary"]["max_prob"] <= 1
@@ -251,10 +259,16 @@ def test_slide_job_runs_to_done_on_a_local_cluster(models, tmp_path):
         doc = geo.json()
         assert doc["type"] == "FeatureCollection"
         assert all(f["properties"]["classification"]["name"] == "Mitosis" for f in doc["features"])
-        assert [j["id"] for j in c.get("/slides").json()] == [job["id"]]
-        # a second job, on the store the first one made, is refused: it lies outside the roots
-        r = c.post("/slides", json={"path": str(tmp_path / "out" / job["id"] / "stores" / "slide_000.zarr")})
-        assert r.status_code == 403
+        # a second job on the store the first one made (OUT is a root too): predictions into it
+        store = tmp_path / "out" / job["id"] / "stores" / "slide_000.zarr"
+        r = c.post("/slides", json={"path": str(store.relative_to(tmp_path / "out"))})
+        assert r.status_code == 202, r.text
+        second = _wait(c, r.json())
+        assert second["status"] == "done", second
+        assert second["result"]["summary"]["windows"] == job["result"]["summary"]["windows"]
+        assert second["result"]["summary"]["max_prob"] == pytest.approx(job["result"]["summary"]["max_prob"])
+        assert (store / "predictions" / "mitosis").is_dir()
+        assert [j["id"] for j in c.get("/slides").json()] == [job["id"], second["id"]]
 
 
 # ----------------------------------------------------------------------------- the CLI
