@@ -24,7 +24,6 @@ import queue
 import sys
 import tempfile
 import threading
-import time
 import traceback
 import uuid
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hpcpath.config import InferConfig, ServeConfig, describe_error
 from hpcpath.errors import ConfigError, HpcpathError
 
-__all__ = ["create_app", "decode_patches", "resolve_in_roots", "RequestError", "SlideJobs"]
+__all__ = ["RequestError", "SlideJobs", "create_app", "decode_patches", "resolve_in_roots"]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -128,7 +127,7 @@ def decode_patches(data: bytes, patch: int, max_batch: int) -> np.ndarray:
     taken as they are -- at the model's resolution, as inference reads them -- never resized."""
     if data.startswith(NPY_MAGIC):
         return _npy(data, patch, max_batch)
-    if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
+    if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
         return _image(data, patch)
     raise RequestError(415, "file: not a PNG or JPEG image or a .npy array")
 
@@ -330,7 +329,7 @@ class SlideJobs:
         job.status, job.started = "running", _now()
         try:
             res = infer_slides([str(job.source)], self.model_dir, job.out, self.cfg,
-                               client=self._session(), slide_dirs=self.roots)
+                               client=self._session(), slide_dirs=list[str | os.PathLike](self.roots))
             if not res.rows:
                 raise HpcpathError("no slide found there", str(job.source))
             row = res.rows[0]
@@ -589,7 +588,9 @@ def create_app(model_dir: str | os.PathLike, config: ServeConfig | None = None,
                         **_errors(404, 409, 422)},
              summary="The heatmap overlay of a finished job (PNG)")
     def heatmap(job_id: JobId):
-        return FileResponse(_done(job_id).heatmap, media_type="image/png")
+        path = _done(job_id).heatmap
+        assert path is not None  # set on every done job
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/slides/{job_id}/detections.geojson", response_class=FileResponse,
              responses={200: {"content": {"application/geo+json": {}},
