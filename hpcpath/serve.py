@@ -26,8 +26,8 @@ import tempfile
 import threading
 import traceback
 import uuid
-from collections.abc import Sequence
-from contextlib import ExitStack, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -270,14 +270,17 @@ class _Job:
 
 class SlideJobs:
     """Slide jobs, run one after another on a thread with :func:`hpcpath.infer.infer_slides`
-    on one Dask cluster, started (``hpcpath.cli.common.dask_session``) by the first job and
-    kept.  Each job writes into ``OUT/<id>/`` (slides are tiled into ``OUT/<id>/stores``;
+    on one Dask cluster, started by the first job and kept: ``session(out)``, a context
+    manager that yields a client (``hpcpath serve`` passes the CLI's ``dask_session``: the
+    dashboard link, worker logs in ``OUT/hpcpath-logs``), else
+    :func:`hpcpath.cluster.cluster_client` of ``cluster``.  Each job writes into ``OUT/<id>/`` (slides are tiled into ``OUT/<id>/stores``;
     a store gets ``predictions/<name>`` where it is)."""
 
     def __init__(self, model_dir: Path, out: Path, cfg: InferConfig, roots: Sequence[Path],
-                 max_queue: int, cluster: Any = None, workers: int | None = None, client=None) -> None:
+                 max_queue: int, cluster: Any = None, workers: int | None = None, client=None,
+                 session: Callable[[Path], AbstractContextManager] | None = None) -> None:
         self.model_dir, self.out, self.cfg, self.roots = model_dir, out, cfg, list(roots)
-        self.cluster, self.workers = cluster, workers
+        self.cluster, self.workers, self.session = cluster, workers, session
         self.jobs: dict[str, _Job] = {}
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
@@ -317,9 +320,13 @@ class SlideJobs:
 
     def _session(self):
         if self._client is None:
-            from hpcpath.cli.common import dask_session
+            if self.session is not None:
+                ctx = self.session(self.out)
+            else:
+                from hpcpath.cluster import cluster_client
 
-            self._client = self._stack.enter_context(dask_session(self.cluster, self.workers, self.out))
+                ctx = cluster_client(self.cluster, n_workers_override=self.workers)
+            self._client = self._stack.enter_context(ctx)
         return self._client
 
     def _run(self, job: _Job) -> None:
@@ -448,13 +455,16 @@ def _roots(raw: Sequence[str]) -> list[Path]:
 
 def create_app(model_dir: str | os.PathLike, config: ServeConfig | None = None,
                infer_config: InferConfig | None = None, *, cluster: Any = None,
-               workers: int | None = None, client=None, check_host: bool | None = None):
+               workers: int | None = None, client=None,
+               session: Callable[[Path], AbstractContextManager] | None = None,
+               check_host: bool | None = None):
     """The FastAPI app serving the model in ``model_dir``: loads the model (one-line
     HpcpathError if it cannot), checks the roots and the output folder.  Testable in-process
     (``starlette.testclient.TestClient``); ``hpcpath serve`` runs it with uvicorn.
 
     ``cluster``/``workers``: where slide jobs run (a cluster spec as ``--cluster`` takes;
-    default a LocalCluster), or ``client``, an existing Dask client.  ``check_host``: answer
+    default a LocalCluster), or ``session``, ``out -> context manager yielding a client``
+    (see :class:`SlideJobs`), or ``client``, an existing Dask client.  ``check_host``: answer
     only to loopback Host names (default: when ``config.host`` is loopback)."""
     from fastapi import FastAPI, File, Query, UploadFile
     from fastapi import Path as PathParam
@@ -491,7 +501,7 @@ def create_app(model_dir: str | os.PathLike, config: ServeConfig | None = None,
                      patch_mpp=meta.patch_mpp, patch_downsample=meta.patch_downsample,
                      inputs=list(meta.inputs), architecture=meta.architecture,
                      digest=model_digest(model_dir))
-    jobs = SlideJobs(model_dir, out, icfg, roots, cfg.max_queue, cluster, workers, client)
+    jobs = SlideJobs(model_dir, out, icfg, roots, cfg.max_queue, cluster, workers, client, session)
     stack.callback(jobs.close)
     predict_lock = threading.Lock()
 

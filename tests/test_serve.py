@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,7 @@ def test_slide_job_runs_to_done_on_a_local_cluster(models, tmp_path):
     from PIL import Image
     from starlette.testclient import TestClient
 
+    from hpcpath.cli.common import dask_session
     from hpcpath.serve import create_app
     from hpcpath.synth import make_cohort
 
@@ -241,7 +243,7 @@ def test_slide_job_runs_to_done_on_a_local_cluster(models, tmp_path):
     (tmp_path / "out").mkdir()
     roots = (str(tmp_path / "slides"), str(tmp_path / "out"))
     app = create_app(models / "mitosis", ServeConfig(roots=roots, out=str(tmp_path / "out")),
-                     cluster="local", workers=1)
+                     session=partial(dask_session, "local", 1))  # as hpcpath serve does
     with TestClient(app, base_url=HOST) as c:
         r = c.post("/slides", json={"path": "slide_000.svs"})
         assert r.status_code == 202, r.text

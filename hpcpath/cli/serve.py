@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hpcpath.cli.common import cluster_options, echo_err
+from hpcpath.cli.common import cluster_options, dask_session, echo_err
 
 
 @click.command()
@@ -47,7 +47,10 @@ def serve(model_dir, host, port, max_upload_mb, max_batch, max_queue, roots, out
     except ImportError as exc:
         raise ConfigError(f"hpcpath serve needs the 'serve' extra ({exc.name} is missing): "
                           "pip install 'hpcpath[serve]'") from None
-    app = create_app(model_dir, scfg, icfg, cluster=spec, workers=workers)
+    from functools import partial
+
+    # slide jobs' cluster: the session every command uses (dashboard link, worker logs in OUT)
+    app = create_app(model_dir, scfg, icfg, session=partial(dask_session, spec, workers))
     if not scfg.loopback:
         echo_err(f"hpcpath: warning: listening on {scfg.host}: anyone who reaches port {scfg.port} can "
                  "use the model and queue slides under the roots (no authentication, no TLS)")
