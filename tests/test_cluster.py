@@ -165,15 +165,65 @@ def test_slurm_kwargs_one_gpu_per_job() -> None:
     kw = slurm_cluster_kwargs(SlurmSpec(backend="slurm", gpus_per_job=1, jobs=2, partition="gpu"))
     assert kw["queue"] == "gpu" and kw["processes"] == 1 and kw["cores"] == 1
     assert kw["job_extra_directives"] == ["--gres=gpu:1"]
-    assert kw["worker_extra_args"] == ["--resources", "GPU=1"]
+    # the default walltime (1 h) retires each worker 9 min before it: --lifetime 51 +/- 3 min
+    assert kw["worker_extra_args"] == ["--resources", "GPU=1", "--lifetime", "3060s",
+                                       "--lifetime-stagger", "180s"]
     assert kw["python"] == sys.executable
 
 
 def test_slurm_kwargs_pin_processes_to_gpus() -> None:
     kw = slurm_cluster_kwargs(SlurmSpec(backend="slurm", gpus_per_job=4, processes=2, cores=8))
     assert kw["job_extra_directives"] == ["--gres=gpu:4"]
-    assert kw["worker_extra_args"] == ["--resources", "GPU=2", "--preload", "hpcpath.cluster"]
+    assert kw["worker_extra_args"][:4] == ["--resources", "GPU=2", "--preload", "hpcpath.cluster"]
     assert kw["job_script_prologue"] == ["export HPCPATH_GPUS_PER_WORKER=2"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "retirement"),
+    [
+        ({"walltime": "00:01:00"}, (37.0, 3.0)),  # margin 20 s (the minimum), stagger 5%
+        ({"walltime": "2-00:00:00"}, (171900.0, 300.0)),  # margin 10 min, stagger 5 min (caps)
+        ({"walltime": "90"}, (4590.0, 270.0)),  # a bare number is minutes, as for sbatch
+        ({"walltime": "infinite"}, None),
+        ({"walltime": "0"}, None),  # sbatch --time=0: no limit
+        ({"worker_lifetime": "none"}, None),
+        ({"worker_lifetime": "50m", "worker_lifetime_stagger": "2m"}, (3000.0, 120.0)),
+        ({"worker_lifetime": "00:50:00"}, (3000.0, 180.0)),
+        ({"worker_extra_args": ["--lifetime", "20m"]}, None),  # the user's own flags stay
+    ],
+)
+def test_worker_lifetime_from_the_walltime(settings: dict, retirement: tuple | None) -> None:
+    spec = SlurmSpec(backend="slurm", **settings)
+    assert spec.worker_retirement == retirement
+    args = slurm_cluster_kwargs(spec)["worker_extra_args"]
+    if retirement and "worker_extra_args" not in settings:
+        assert args[-4:] == ["--lifetime", f"{retirement[0]:g}s",
+                             "--lifetime-stagger", f"{retirement[1]:g}s"]
+    elif not retirement and "worker_extra_args" not in settings:
+        assert "--lifetime" not in args
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("worker_lifetime: 50\n", "worker_lifetime: '50' needs a unit ('50m', '90s') or a Slurm time"),
+        ("worker_lifetime: soon\n", "worker_lifetime: 'soon' is not a duration"),
+        ("walltime: '00:10:00'\nworker_lifetime: 10m\n",
+         "worker_lifetime '10m' (+ stagger 30 s) must end before walltime '00:10:00'"),
+        ("worker_lifetime: 1m\nworker_lifetime_stagger: 2m\n",
+         "worker_lifetime_stagger (120 s) must be less than worker_lifetime (60 s)"),
+        ("walltime: '0:30'\n", "walltime '0:30' leaves a worker 8 s before it must retire"),
+        ("worker_lifetime: 1h\nworker_extra_args: [--lifetime, 2h]\n",
+         "worker_lifetime and --lifetime in worker_extra_args: give one of them"),
+    ],
+)
+def test_bad_worker_lifetime_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, "backend: slurm\n" + text)
+    with pytest.raises(ConfigError) as info:
+        parse_cluster_spec(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message, message
+    assert "\n" not in message
 
 
 def test_slurm_job_script_renders_without_submitting() -> None:
@@ -202,6 +252,7 @@ def test_slurm_job_script_renders_without_submitting() -> None:
         "module load cuda",
         f"{sys.executable} -m distributed.cli.dask_worker",
         "--resources GPU=1",
+        "--lifetime 510s --lifetime-stagger 30s",  # retires before the 10 min walltime
     ):
         assert line in script, line
 

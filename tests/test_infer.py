@@ -422,14 +422,14 @@ def test_scancel_of_a_worker_job_mid_run_still_gives_identical_outputs(local_slu
             time.sleep(0.05)
         th.join(timeout=600)
         assert killed is not None, "no prediction task was seen running"
-        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1  # the job really died
+        # the job really died (a replacement job may have joined since: the job count is kept)
+        assert killed not in set(client.run(lambda: os.environ["SLURM_JOB_ID"]).values())
     res = result[0]
     assert res.ok, [(r["slide_id"], r.get("error")) for r in res.failed]
     tasks = list(csv.DictReader(open(tmp_path / "out" / "tasks.csv")))
-    survivor = next(j for j in jobs.values() if j != killed)
     sid, k = victim.split("-", 1)[1].split("/")[:2]
     (redone,) = [t for t in tasks if t["slide_id"] == sid and t["task"] == k]
-    assert redone["slurm_job_id"] == survivor  # the interrupted task ran again elsewhere
+    assert redone["slurm_job_id"] not in ("", killed)  # the interrupted task ran again elsewhere
     assert all(t["cuda_visible_devices"] in ("0", "1") for t in tasks)
     _same_outputs(tmp_path / "out", mitosis_runs[MITOSIS_WINDOW.name], stores, cohort / "stores",
                   MITOSIS_WINDOW.name, MITOSIS_WINDOW.name)

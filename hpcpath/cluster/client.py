@@ -72,6 +72,8 @@ def cluster_client(
             # A lost scheduler is said in one line by the stage loop; the client's own
             # reconnect failure and its close-time tracebacks are not for the terminal.
             stack.enter_context(_quiet_logs("distributed.client", level=logging.CRITICAL))
+            stack.enter_context(_filtered(_ExpectedWorkerLoss(), "distributed.scheduler",
+                                          "distributed.active_memory_manager"))
         cluster: Cluster | None = None
         target: str = spec.backend
         if not verbose:  # unwound after the cluster closed: see _quiet_shutdown
@@ -122,6 +124,35 @@ def _quiet_logs(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, old, strict=True):
             lg.setLevel(level)
+
+
+class _ExpectedWorkerLoss(logging.Filter):
+    """Drops Dask's warnings about a worker that left with tasks to redo: a worker retiring
+    at its lifetime with no other worker to take its results (one job at a time), or a job
+    ended by Slurm.  Dask reruns the tasks, the outputs are the same, and the run's own
+    lines say what matters; ``verbose`` keeps them."""
+
+    PHRASES = (
+        "could not be moved as there are no suitable workers",  # active_memory_manager
+        "Could not retire worker",
+        "which will be recomputed elsewhere",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p in message for p in self.PHRASES)
+
+
+@contextmanager
+def _filtered(flt: logging.Filter, *names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
 
 
 def _quiet_shutdown() -> None:

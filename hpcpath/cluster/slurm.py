@@ -42,6 +42,9 @@ def slurm_cluster_kwargs(spec: SlurmSpec) -> dict[str, Any]:
         if spec.worker_processes > 1:  # pin each process of the job to its own GPU(s)
             prologue.append(f"export {_GPUS_PER_WORKER_VAR}={spec.gpus_per_worker}")
             worker_args += ["--preload", "hpcpath.cluster"]  # re-exports dask_setup
+    retirement = spec.worker_retirement
+    if retirement:  # retire before the walltime; slurm_cluster keeps the job count up
+        worker_args += ["--lifetime", f"{retirement[0]:g}s", "--lifetime-stagger", f"{retirement[1]:g}s"]
     kwargs: dict[str, Any] = {
         "queue": spec.partition,
         "account": spec.account,
@@ -108,12 +111,14 @@ def slurm_cluster(spec: SlurmSpec, n_workers: int | None) -> Cluster:
         raise ClusterError(f"cannot start the scheduler: {_one_line(exc)}") from exc
     try:
         _test_job_script(cluster.job_script())
-        if n_workers is not None:
-            cluster.scale(n_workers)
-        elif spec.adaptive_max is not None:
+        if n_workers is None and spec.adaptive_max is not None:
             cluster.adapt(minimum_jobs=spec.adaptive_min or 0, maximum_jobs=spec.adaptive_max)
         else:
-            cluster.scale(jobs=spec.jobs)
+            jobs = spec.jobs if n_workers is None else -(-n_workers // spec.worker_processes)
+            cluster.scale(jobs=jobs)
+            # A fixed size is kept, not just reached: a job that ends (its workers retired
+            # at worker_lifetime, or killed: walltime, scancel, a lost node) is replaced.
+            cluster.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
         # Submit now and look: dask-jobqueue only logs a failed sbatch, it does not raise.
         cluster.sync(cluster._correct_state)
         failed = sum(1 for job in cluster.workers.values() if not getattr(job, "job_id", None))

@@ -32,6 +32,45 @@ ENV_VAR = "HPCPATH_CLUSTER"
 
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(infinite|unlimited)$", re.IGNORECASE)
 _ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+_NO_LIMIT = ("infinite", "unlimited")
+
+
+def slurm_seconds(value: str) -> int | None:
+    """Seconds in a Slurm time (``sbatch --time``); None for no limit (``infinite``, ``0``).
+
+    >>> slurm_seconds("90"), slurm_seconds("01:30"), slurm_seconds("1:00:00"), slurm_seconds("2-12")
+    (5400, 90, 3600, 216000)
+    """
+    text = value.strip().lower()
+    if text in _NO_LIMIT:
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # days-hours[:minutes[:seconds]]
+        h, m, s = (parts + [0, 0])[:3]
+    elif len(parts) == 1:  # minutes
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:  # minutes:seconds
+        h, m, s = 0, *parts
+    else:  # hours:minutes:seconds
+        h, m, s = parts
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s or None
+
+
+def _duration_seconds(value: str) -> float:
+    """A worker lifetime: a Slurm time with colons (``00:50:00``) or a number with a unit
+    (``50m``, ``3000s``, ``1h``); a bare number is refused (Slurm reads minutes, Dask seconds)."""
+    text = value.strip()
+    if ":" in text and _WALLTIME.match(text):
+        return float(slurm_seconds(text) or 0)
+    if re.fullmatch(r"[\d.]+", text):
+        raise ValueError(f"{value!r} needs a unit ('50m', '90s') or a Slurm time ('00:50:00')")
+    from dask.utils import parse_timedelta
+
+    try:
+        return float(parse_timedelta(text))
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{value!r} is not a duration such as '50m' or '00:50:00'") from None
 
 
 def _check_bytes(value: str) -> str:
@@ -109,6 +148,15 @@ class SlurmSpec(_Spec):
     job_script_prologue: tuple[str, ...] = ()
     job_extra_directives: tuple[str, ...] = ()
     worker_extra_args: tuple[str, ...] = ()
+    worker_lifetime: str = Field(
+        "auto",
+        description="retire each worker this long after it starts, before the job's walltime "
+        "ends, and submit a replacement job: 'auto' (walltime less a margin), 'none', or a "
+        "duration ('50m', '00:50:00')",
+    )
+    worker_lifetime_stagger: str | None = Field(
+        None, description="spread retirements by up to +/- this (default 5% of walltime, <= 5 min)"
+    )
     local_directory: str | None = None
     log_directory: str | None = None
     dashboard_address: str = "127.0.0.1:0"
@@ -128,8 +176,28 @@ class SlurmSpec(_Spec):
             raise ValueError(f"{value!r} is not a Slurm time such as '01:00:00' or '2-00:00:00'")
         return value
 
+    @field_validator("worker_lifetime", "worker_lifetime_stagger", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: Any) -> Any:  # YAML `50`: said to need a unit, below
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("worker_lifetime")
+    @classmethod
+    def _lifetime(cls, value: str) -> str:
+        if value.strip().lower() not in ("auto", "none"):
+            _duration_seconds(value)
+        return value
+
+    @field_validator("worker_lifetime_stagger")
+    @classmethod
+    def _stagger(cls, value: str | None) -> str | None:
+        if value is not None:
+            _duration_seconds(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> SlurmSpec:
+        self.worker_retirement  # noqa: B018 - raises ValueError where the lifetime cannot fit
         procs = self.worker_processes
         if procs > self.job_cores:
             if self.processes:
@@ -155,6 +223,59 @@ class SlurmSpec(_Spec):
             if "jobs" in self.model_fields_set:
                 raise ValueError("set either jobs or adaptive_min/adaptive_max, not both")
         return self
+
+    @property
+    def worker_retirement(self) -> tuple[float, float] | None:
+        """(lifetime, stagger) in seconds for dask-worker's ``--lifetime``/``--lifetime-stagger``,
+        or None (no walltime, ``worker_lifetime: none``, or ``--lifetime`` already in
+        ``worker_extra_args``).
+
+        A worker killed by Slurm at its walltime loses its running tasks and counts against
+        them (after 3 such deaths a task fails with KilledWorker); one that retires first
+        hands its results over and leaves cleanly.  'auto' retires it ``margin + stagger``
+        before the walltime, the margin (10% of it, 20 s to 10 min) covering the worker's
+        start-up in the job and the hand-over.
+
+        >>> SlurmSpec(backend="slurm", walltime="01:00:00").worker_retirement
+        (3060.0, 180.0)
+        >>> SlurmSpec(backend="slurm", walltime="00:01:00").worker_retirement
+        (37.0, 3.0)
+        """
+        walltime = slurm_seconds(self.walltime)
+        lifetime = self.worker_lifetime.strip().lower()
+        own = any(a == "--lifetime" or a.startswith("--lifetime=") for a in self.worker_extra_args)
+        if own and lifetime != "auto":
+            raise ValueError(
+                "worker_lifetime and --lifetime in worker_extra_args: give one of them"
+            )
+        if lifetime == "none" or own or (lifetime == "auto" and walltime is None):
+            return None
+        if self.worker_lifetime_stagger is not None:
+            stagger = _duration_seconds(self.worker_lifetime_stagger)
+        else:
+            stagger = min(0.05 * (walltime or _duration_seconds(self.worker_lifetime)), 300.0)
+        if lifetime == "auto":
+            assert walltime is not None
+            margin = min(max(0.1 * walltime, 20.0), 600.0)
+            seconds = walltime - margin - stagger
+            if seconds < 10:
+                raise ValueError(
+                    f"walltime {self.walltime!r} leaves a worker {seconds:.0f} s before it must "
+                    "retire; raise walltime, or set worker_lifetime: none"
+                )
+            return round(seconds, 1), round(stagger, 1)
+        seconds = _duration_seconds(self.worker_lifetime)
+        if stagger >= seconds:
+            raise ValueError(
+                f"worker_lifetime_stagger ({stagger:.0f} s) must be less than worker_lifetime "
+                f"({seconds:.0f} s)"
+            )
+        if walltime is not None and seconds + stagger >= walltime:
+            raise ValueError(
+                f"worker_lifetime {self.worker_lifetime!r} (+ stagger {stagger:.0f} s) must end "
+                f"before walltime {self.walltime!r}, with room for the worker to start and retire"
+            )
+        return seconds, stagger
 
     @property
     def worker_processes(self) -> int:
