@@ -109,6 +109,11 @@ def test_every_tile_decodes_to_openslides_pixels(test_data, tmp_path, name, tile
     assert reader.direct and reader.rows_per_chunk == 16
     got = np.concatenate([reader.read(a, min(a + 16, len(want))) for a in range(0, len(want), 16)])
     assert np.array_equal(got, want)
+    from hpcpath.infer.reader import tile_pieces  # what inference tasks read
+
+    pieces = list(tile_pieces(images, 5, len(want)))
+    assert np.array_equal(np.concatenate([p["main"] for _, p in pieces]), want[5:])
+    assert np.array_equal(np.concatenate([k for k, _ in pieces]), np.arange(5, len(want)))
     if fmt == "jpeg":  # a standalone JPEG to any decoder
         chunk = shard_chunks(root, Path(root.store.root))[3]
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(chunk)).convert("RGB")), want[3])
