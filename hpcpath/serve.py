@@ -273,8 +273,9 @@ class SlideJobs:
     on one Dask cluster, started by the first job and kept: ``session(out)``, a context
     manager that yields a client (``hpcpath serve`` passes the CLI's ``dask_session``: the
     dashboard link, worker logs in ``OUT/hpcpath-logs``), else
-    :func:`hpcpath.cluster.cluster_client` of ``cluster``.  Each job writes into ``OUT/<id>/`` (slides are tiled into ``OUT/<id>/stores``;
-    a store gets ``predictions/<name>`` where it is)."""
+    :func:`hpcpath.cluster.cluster_client` of ``cluster``.  Each job writes into
+    ``OUT/<id>/`` (slides are tiled into ``OUT/<id>/stores``; a store gets
+    ``predictions/<name>`` where it is)."""
 
     def __init__(self, model_dir: Path, out: Path, cfg: InferConfig, roots: Sequence[Path],
                  max_queue: int, cluster: Any = None, workers: int | None = None, client=None,
@@ -334,6 +335,7 @@ class SlideJobs:
         from hpcpath.infer.tasks import output_paths
 
         job.status, job.started = "running", _now()
+        status, message = "failed", None
         try:
             res = infer_slides([str(job.source)], self.model_dir, job.out, self.cfg,
                                client=self._session(), slide_dirs=list[str | os.PathLike](self.roots))
@@ -347,14 +349,15 @@ class SlideJobs:
             job.heatmap = paths["overlay"]
             job.detections = paths["geojson"] if paths["geojson"].exists() else None
             job.summary = {k: _number(row.get(k)) for k in _SUMMARY_KEYS if k in row}
-            job.status = "done"
+            status = "done"
         except HpcpathError as exc:
-            job.status, job.message = "failed", _line(exc)
+            message = _line(exc)
         except Exception as exc:  # noqa: BLE001 - the client gets one line, the log the rest
             traceback.print_exc(file=sys.stderr)
-            job.status, job.message = "failed", f"internal error: {type(exc).__name__}: {_line(exc)}"
-        finally:
+            message = f"internal error: {type(exc).__name__}: {_line(exc)}"
+        finally:  # finished first: a job seen done or failed always has its end time
             job.finished = _now()
+            job.message, job.status = message, status
 
     def close(self, timeout: float = 30.0) -> None:
         with self._lock:
