@@ -194,7 +194,10 @@ class _DirectTiff:
     def raw(self, level: int, index: int) -> bytes:
         """Tile ``index`` of ``level`` as stored in the file: compressed, not decoded."""
         page = self._pages[level]
-        return os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
+        data = os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
+        if len(data) != page.databytecounts[index]:  # pread stops short at a truncated file's end
+            raise OSError(f"file ends {page.databytecounts[index] - len(data)} bytes into tile {index}")
+        return data
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels [y:y+h, x:x+w] of ``level`` (level coordinates, inside the level)."""
