@@ -205,7 +205,7 @@ def main() -> None:
         for mode, cfg in (modes if args.only != "throughput" else ()):
             e2e(info["models"]["mitosis"], cfg.model_copy(update={"name": cfg.name + "-warm"}))
             wall, rows, out = e2e(info["models"]["mitosis"], cfg)
-            from hpcpath.infer.outputs import read_table
+            from hpcpath.files import read_table
 
             tasks = read_table(out / "tasks.csv")
             patches = sum(int(t["windows"]) for t in tasks) if mode == "window" else \

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hpcpath.errors import OutputError
+from hpcpath.files import write_json
 
 __all__ = ["Manifest", "SlideRecord", "MANIFEST_NAME"]
 
@@ -64,13 +64,5 @@ class Manifest:
             "format": "hpcpath-manifest/1",
             "slides": {k: asdict(v) for k, v in sorted(self.slides.items())},
         }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-            os.replace(tmp, self.path)
-        except OSError as exc:  # disk full, folder turned read-only: one line, old manifest kept
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise OutputError(f"cannot write the manifest: {exc.strerror or exc}", self.path) from None
+        # disk full, folder turned read-only: one line, the old manifest kept
+        write_json(self.path, data, error="cannot write the manifest: {reason}")

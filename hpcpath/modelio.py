@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpcpath.errors import HpcpathError
+from hpcpath.files import atomic_file, write_json
 
 __all__ = ["ModelMeta", "save_model", "load_model", "task_for", "MODEL_FILE", "META_FILE"]
 
@@ -51,14 +52,11 @@ def save_model(model, directory: str | os.PathLike, meta: ModelMeta) -> Path:
     """Write model + metadata atomically enough: the metadata file is written last."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{MODEL_FILE}.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, d / MODEL_FILE)
+    with atomic_file(d / MODEL_FILE, suffix=".keras") as tmp:  # keras wants the suffix
+        model.save(tmp)
     doc = asdict(meta)
     doc["format"] = "hpcpath-model/1"
-    tmpm = d / f".{META_FILE}.tmp"
-    tmpm.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmpm, d / META_FILE)
+    write_json(d / META_FILE, doc)
     return d
 
 

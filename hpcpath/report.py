@@ -369,7 +369,7 @@ def render_report(paths: list[str | os.PathLike], title: str | None = None) -> s
 
 def write_report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
     """Write the report to ``out`` (default: ``hpcpath-report.html`` in the first path)."""
-    from hpcpath.infer.outputs import write_atomic
+    from hpcpath.files import write_atomic
 
     target = Path(out) if out is not None else Path(paths[0]) / REPORT_NAME
     text = render_report(paths)

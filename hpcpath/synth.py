@@ -21,10 +21,8 @@ The artefacts and mimics are recorded in the truth (``artefacts``, ``mimics``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from hpcpath.files import atomic_file, write_text
 from hpcpath.geometry import points_in_polygons, polygon_rings, rasterize_polygons
 
 __all__ = ["SynthTruth", "write_synthetic_slide", "make_cohort", "load_truth",
@@ -608,20 +607,8 @@ def _draw_mimics(sc: _Scene, hh, ee, x0, y0, ds):
 
 
 # ----------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def _atomic(path: Path):
-    """Write to a hidden temporary name, then rename: a killed run leaves no half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+_atomic = atomic_file  # a killed run leaves no half file
+_write_text = write_text
 
 
 def _text(img: np.ndarray, s: str, y: int, x: int, scale: int) -> None:

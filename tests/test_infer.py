@@ -296,7 +296,7 @@ def test_rerun_skips_complete_slides_and_redoes_partial_ones(cohort, dask_client
 
 
 def test_tta_averages_the_eight_dihedral_predictions(cohort):
-    from hpcpath.infer.detect import dihedral
+    from hpcpath.detect import dihedral
     from hpcpath.infer.model import cached_model
 
     lm = cached_model(cohort / "models" / "mitosis")

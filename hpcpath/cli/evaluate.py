@@ -38,7 +38,7 @@ def _out(out_dir) -> Path | None:
 def _save_json(out: Path | None, metrics: dict) -> None:
     if out is None:
         return
-    from hpcpath.infer.outputs import write_atomic
+    from hpcpath.files import write_atomic
 
     clean = {k: v for k, v in metrics.items() if not k.startswith("_")}
     write_atomic(out / "metrics.json", (json.dumps(clean, indent=2) + "\n").encode())
@@ -121,7 +121,7 @@ def detections(preds, truth, mpp, radius_px, ref_mpp, matching, threshold, class
         click.echo(f"proliferation vs labels ({a['slides']} slides): quadratic kappa "
                    f"{_fmt(a['kappa_quadratic'])}{f' ({why})' if why else ''}  Spearman {_fmt(a['spearman'])}")
     if out is not None:
-        from hpcpath.infer.outputs import write_table
+        from hpcpath.files import write_table
 
         cols = ("slide_id", "detections", "mitoses_per_10hpf", "proliferation_score") + (
             ("label",) if labels is not None else ())
@@ -162,7 +162,7 @@ def heatmaps(stores, name, truth, classes, centre_fraction, slide_score, out_dir
         click.echo(f"FROC n/a ({m['froc_why']})")
     if out is not None:
         from hpcpath.evaluate.plots import plot_froc, plot_roc
-        from hpcpath.infer.outputs import write_table
+        from hpcpath.files import write_table
 
         y, s = np.concatenate(hs.labels), np.concatenate(hs.scores)
         if m["tile_auc"] is not None:
@@ -206,7 +206,7 @@ def slides(summary, labels, target, features, folds, seed, out_dir):
     click.echo(f"confusion (rows: true {m['classes']}): {m['confusion']}")
     if out is not None:
         from hpcpath.evaluate.slides import save_classifier
-        from hpcpath.infer.outputs import write_table
+        from hpcpath.files import write_table
 
         cols = ("slide_id", "label", "cv_prediction") + (("cv_score",) if target == "tumor" else ())
         write_table(out / "slide_predictions.csv", res.predictions, cols)
@@ -222,7 +222,7 @@ def slides(summary, labels, target, features, folds, seed, out_dir):
 def classify(summary, classifier, out_path):
     """Apply a saved slide classifier to the slides of a new run's SUMMARY (summary.csv)."""
     from hpcpath.evaluate.slides import classify_slides
-    from hpcpath.infer.outputs import write_table
+    from hpcpath.files import write_table
 
     rows = classify_slides(classifier, summary)
     cols = ("slide_id", "prediction") + (("score",) if rows and "score" in rows[0] else ())

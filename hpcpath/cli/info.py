@@ -21,11 +21,11 @@ def info(paths, as_json):
     for p in paths:
         if Path(p).suffix == ".zarr":
             store = open_store(p, require_complete=False)
-            meta = store.meta
+            meta = store.metadata
             out.append({
                 "store": str(p), "complete": store.complete, "tiles": len(store),
-                "tile_shape": list(store.tiles.shape[1:]), "codec": meta["tiling"]["codec"],
-                "pyramid": [list(a.shape) for a in store.pyramid], "slide": meta["slide"],
+                "tile_shape": list(store.tiles.shape[1:]), "codec": store.tiles.attrs.get("codec", meta.tiling.codec),
+                "pyramid": [list(a.shape) for a in store.pyramid], "slide": meta.slide.to_dict(),
             })
         else:
             with open_slide(p) as s:

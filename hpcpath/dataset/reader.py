@@ -39,16 +39,14 @@ class _StoreArrays:
     """The arrays one item source needs, opened once per process."""
 
     def __init__(self, path: Path, name: str) -> None:
-        import zarr
+        from hpcpath.store import dataset_meta, open_group
 
-        import hpcpath.codecs  # noqa: F401 - the JPEG codec must be registered to read
-
-        root = zarr.open_group(str(path), mode="r")
+        root = open_group(path)
         self.group = root[f"datasets/{name}"]
-        info = self.group.attrs["hpcpath_dataset"]
-        if not info.get("complete"):
+        info = dataset_meta(self.group)
+        if not info.complete:
             raise HpcpathError(f"dataset {name!r} is incomplete in this store; rebuild it", path)
-        if info["source"] == "tiles":
+        if info.source == "tiles":
             self.images = ChunkReader(root["tiles/images"])
             self.item_index = self.group["item_index"][:]
         else:
@@ -233,20 +231,20 @@ def open_dataset(path: str | os.PathLike) -> PatchDataset:
         raise HpcpathError(f"not a dataset manifest ({exc})", path) from None
     if doc.get("format") != "hpcpath-dataset/1":
         raise HpcpathError("not an hpcpath dataset manifest", path)
-    import zarr
+    from hpcpath.store import dataset_meta, open_group
 
     slides = doc["slides"]
     stores, store_of, items, labels, chunks = [], [], [], [], []
     for s, rec in enumerate(slides):
         store = (path.parent / rec["store"]).resolve()
         stores.append(store)
-        g = zarr.open_group(str(store), mode="r")[f"datasets/{doc['name']}"]
+        root = open_group(store)
+        g = root[f"datasets/{doc['name']}"]
         lab = g["labels"][:]
         n = len(lab)
-        info = g.attrs["hpcpath_dataset"]
-        if info["source"] == "tiles":
+        if dataset_meta(g).source == "tiles":
             rows = g["item_index"][:]
-            chunk_len = zarr.open_group(str(store), mode="r")["tiles/images"].chunks[0]
+            chunk_len = root["tiles/images"].chunks[0]
         else:
             rows = np.arange(n)
             chunk_len = g["images"].chunks[0]

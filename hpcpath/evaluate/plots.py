@@ -8,16 +8,15 @@ name and renamed, so a killed job never leaves a half-written image.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from hpcpath.errors import OutputError
 from hpcpath.evaluate.detection import ThresholdResult
 from hpcpath.evaluate.froc import FROCResult
 from hpcpath.evaluate.roc import roc_auc, roc_curve
+from hpcpath.files import atomic_file
 
 __all__ = ["plot_roc", "plot_froc", "plot_f1_threshold"]
 
@@ -37,13 +36,8 @@ def _figure(title: str | None):
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(path, error="cannot write the plot ({reason})") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the plot ({exc.strerror or exc})", path) from exc
     return path
 
 

@@ -6,7 +6,7 @@ fields" of the most active region, with 10 HPF taken as 2 mm^2, as in AMIDA13):
 
 * **mitoses per 10 HPF** = the most detections inside any axis-aligned square of 2 mm^2
   (side sqrt(2) mm, i.e. ``1414.2 / mpp`` level-0 pixels) placed *anywhere* on the slide,
-  counted exactly (:func:`hpcpath.infer.detect.densest_count`); a square, not ten circles,
+  counted exactly (:func:`hpcpath.detect.densest_count`); a square, not ten circles,
   and no restriction to tumour tissue (the model's detections are assumed to lie there);
 * **proliferation score** 1-3 from that count with the cut points ``(6, 12)``: ``<= 6`` -> 1,
   ``7..12`` -> 2, ``>= 13`` -> 3 (the mitotic-activity-index cut points for 2 mm^2 of the
@@ -43,7 +43,7 @@ def hpf10_side_px(mpp: float) -> float:
 
 def mitoses_per_10hpf(xy, mpp: float) -> int:
     """Most detections in any 2 mm^2 square of the slide (level-0 ``(N, 2)`` x, y)."""
-    from hpcpath.infer.detect import densest_count
+    from hpcpath.detect import densest_count
 
     return densest_count(np.asarray(xy, np.float64).reshape(-1, 2), hpf10_side_px(mpp))
 

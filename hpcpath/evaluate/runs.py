@@ -66,7 +66,7 @@ def _slide_of_detections(p: Path) -> str:
 
 def _run_mpp(folder: Path) -> dict[str, float]:
     """slide_id -> MPP from an infer run table (``summary.csv``) in ``folder``, if any."""
-    from hpcpath.infer.outputs import read_table
+    from hpcpath.files import read_table
 
     out = {}
     for row in read_table(folder / "summary.csv"):
@@ -308,17 +308,16 @@ def load_heatmap_set(stores, truth_paths, name: str, *, classes: Sequence[str] =
     """Windows of ``predictions/<name>`` in each store, labelled by the centre rule from the
     truth files matched to the slide (no truth file: a tumour-free slide)."""
     from hpcpath.annotations import match_annotations
-    from hpcpath.dataset.build import find_stores
+    from hpcpath.files import find_stores
     from hpcpath.evaluate.froc import itc_labels, lesion_labels
-    from hpcpath.infer.detect import heatmap_peaks, merge_points
-    from hpcpath.infer.predictions import open_predictions
-    from hpcpath.store import open_store
+    from hpcpath.detect import heatmap_peaks, merge_points
+    from hpcpath.store import open_predictions, open_store
 
     paths = find_stores(list(stores))
     if not paths:
         raise HpcpathError("no slide stores (.zarr)", ", ".join(map(str, stores)))
-    metas = {p: open_store(p).meta for p in paths}
-    ids = {m["slide"]["slide_id"]: p for p, m in metas.items()}
+    metas = {p: open_store(p).metadata for p in paths}
+    ids = {m.slide_id: p for p, m in metas.items()}
     truths = _expand(truth_paths, lambda c: c.suffix.lower() in _TRUTH_SUFFIXES)
     matched = match_annotations(list(ids), truths)
     hs = HeatmapSet([], [], [], [], [], [], [], [], [], [])
@@ -330,10 +329,10 @@ def load_heatmap_set(stores, truth_paths, name: str, *, classes: Sequence[str] =
         grid, rc = pr.grid, pr.windows
         scores = pr.window_scores().astype(np.float64)
         meta = metas[st]
-        dims0 = tuple(meta["slide"]["level_dimensions"][0])
+        dims0 = meta.slide.dimensions
         files = matched[sid]
         labels = window_labels(dims0, grid.boxes(rc), files, classes, centre_fraction)
-        mpp = (meta["slide"].get("mpp") or [None])[0]
+        mpp = meta.mpp
         ds = max(1.0, lesion_mpp / mpp) if mpp else 16.0
         raster = truth_raster(matched[sid], dims0, ds, classes) if files else np.zeros((1, 1), bool)
         mask_mpp = (mpp or 1.0) * ds

@@ -58,7 +58,7 @@ def _features(rows: list[dict], feats: Sequence[str], target: str, summary) -> n
 
 
 def _complete_rows(summary) -> list[dict]:
-    from hpcpath.infer.outputs import read_table
+    from hpcpath.files import read_table
 
     rows = [r for r in read_table(summary) if r.get("status") == "complete"]
     if not rows:
@@ -143,7 +143,7 @@ def score_slides(summary: str | os.PathLike, labels: str | os.PathLike, *,
 def save_classifier(path: str | os.PathLike, scores: SlideScores) -> None:
     """Write the refitted classifier, with its target and feature list, for ``classify_slides``."""
     from hpcpath import signing
-    from hpcpath.infer.outputs import write_atomic
+    from hpcpath.files import write_atomic
 
     write_atomic(path, signing.dumps({"format": _FORMAT, "target": scores.target,
                                       "features": list(scores.features), "estimator": scores.estimator}))

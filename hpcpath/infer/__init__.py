@@ -9,8 +9,8 @@ overlays and run tables.
 * ``predictions``: the ``predictions/<name>`` group of a store; ``outputs``: files.
 """
 
-from hpcpath.infer.grid import WindowGrid, task_blocks, tissue_windows, window_grid
-from hpcpath.infer.predictions import Predictions, open_predictions, predictions_complete
+from hpcpath.grid import WindowGrid, task_blocks, tissue_windows, window_grid
+from hpcpath.store.predictions import Predictions, open_predictions, predictions_complete
 from hpcpath.infer.run import InferResult, infer_slides, prediction_name
 
 __all__ = [

@@ -160,7 +160,7 @@ class LoadedModel:
         every input are predicted and averaged.  ``xla``: the forward pass compiled with XLA;
         ``mixed``: float16 compute (a mixed_float16 copy of the model) where TensorFlow sees a
         GPU -- on the CPU it stays float32, where float16 is slower, not faster."""
-        from hpcpath.infer.detect import DIHEDRAL, dihedral
+        from hpcpath.detect import DIHEDRAL, dihedral
 
         feeds = inputs if isinstance(inputs, dict) else {"main": inputs}
         n = len(next(iter(feeds.values())))

@@ -1,34 +1,28 @@
 """Files an inference run leaves next to the stores: detections (CSV and QuPath GeoJSON), a
 heatmap overlay PNG per slide, and the run tables.  Every file is written under a temporary
-name and renamed, so a killed run never leaves half a file; identical inputs give
+name and renamed (:mod:`hpcpath.files`), so a killed run never leaves half a file; identical inputs give
 byte-identical files (GeoJSON ids are name-based UUIDs, not random ones).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from hpcpath.errors import OutputError
+from hpcpath.files import write_atomic
 
 __all__ = [
     "SUMMARY_COLUMNS",
     "TASK_COLUMNS",
-    "write_atomic",
     "detections_csv",
     "detections_geojson",
     "colorize",
     "overlay_png",
-    "read_table",
-    "write_table",
 ]
 
 SUMMARY_COLUMNS = (
@@ -42,18 +36,6 @@ TASK_COLUMNS = (
     "worker", "host", "slurm_job_id", "seconds", "predict_s", "io_wait_s",
 )
 _NAMESPACE = uuid.UUID("8f0c2a4e-6b1d-4d59-9a57-3c1f5e0b7a21")
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write ({exc.strerror or exc})", path) from None
-    return path
 
 
 def detections_csv(path, xy: np.ndarray, score: np.ndarray, label: str) -> Path:
@@ -121,30 +103,3 @@ def overlay_png(path, thumb: np.ndarray, heat: np.ndarray | None, points_px: np.
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=1)  # zlib level 6 costs 4x the time for ~20% bytes
     return write_atomic(path, buf.getvalue())
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return "" if not np.isfinite(v) else f"{v:.6g}"
-    return str(v)
-
-
-def write_table(path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([_cell(r.get(c)) for c in columns])
-    return write_atomic(path, buf.getvalue().encode())
-
-
-def read_table(path) -> list[dict[str, str]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))

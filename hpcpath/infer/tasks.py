@@ -24,8 +24,17 @@ import numpy as np
 from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import InferConfig
 from hpcpath.errors import ConfigError, HpcpathError, SlideError
-from hpcpath.infer.grid import WindowGrid, task_blocks, tissue_windows, window_grid
-from hpcpath.infer.predictions import ATTR, GROUP, Predictions, create_group, read_tasks, write_task
+from hpcpath.grid import WindowGrid, task_blocks, tissue_windows, window_grid
+from hpcpath.store import PredictionsMeta, open_store
+from hpcpath.store.predictions import (
+    Predictions,
+    create_group,
+    open_predictions_group,
+    predictions_meta,
+    read_tasks,
+    write_predictions_meta,
+    write_task,
+)
 
 __all__ = ["plan_predictions", "predict_windows", "detect_candidates", "finish_predictions",
            "output_paths"]
@@ -63,44 +72,43 @@ def plan_predictions(store: str, slide_path: str | None, model_dir: str, name: s
 
 def _plan(store, slide_path, model_dir, name, cfg, params_key, model_info):
     from hpcpath.infer.model import cached_model
-    from hpcpath.store import open_store
 
     st = open_store(store)
-    meta = st.meta
+    meta = st.metadata
     lm = cached_model(model_dir)
     mm = lm.meta
     if cfg.mode == "two-stage" and mm.task != "points":
         raise ConfigError(f"two-stage detection needs a points model; this one is {mm.task!r}",
                           model_dir)
-    mpp = (meta["slide"].get("mpp") or [None])[0]
+    mpp = meta.mpp
     if mm.patch_mpp and not mpp:
         raise SlideError(f"slide has no MPP, but the model reads patches at {mm.patch_mpp} um/px",
-                         meta["slide"]["source_name"])
+                         meta.slide.source_name)
     d = float(mm.patch_mpp / mpp) if mm.patch_mpp else float(mm.patch_downsample or 1.0)
-    til = meta["tiling"]
+    til = meta.tiling
     p = int(mm.patch_size)
-    stride = cfg.stride or max(1, int(round(til["stride"] * til["downsample"] / d)))
+    stride = cfg.stride or max(1, int(round(til.stride * til.downsample / d)))
     thr = cfg.tissue_threshold
     if thr is None:  # windows as the store's tiles; proposals anywhere there is tissue
-        thr = til["tissue_threshold"] if cfg.mode == "window" else 0.0
+        thr = til.tissue_threshold if cfg.mode == "window" else 0.0
     context = _context_inputs(mm)
-    dims0 = tuple(meta["slide"]["level_dimensions"][0])
+    dims0 = meta.slide.dimensions
     grid = window_grid(dims0, p, d, stride)
     source = "slide"
-    if (cfg.mode == "window" and p == til["tile_size"] and abs(til["downsample"] - d) <= 1e-6 * d
-            and stride == til["stride"] and not context and thr == til["tissue_threshold"]):
+    if (cfg.mode == "window" and p == til.tile_size and abs(til.downsample - d) <= 1e-6 * d
+            and stride == til.stride and not context and thr == til.tissue_threshold):
         source = "tiles"  # the windows are exactly the store's tiles: read them, not the slide
         windows = st.index[:, 3:5].astype(np.int32)
         if len(windows):
             grid = WindowGrid(p, d, stride, max(grid.rows, int(windows[:, 0].max()) + 1),
                               max(grid.cols, int(windows[:, 1].max()) + 1))
     else:
-        mask_ds = st.root["tissue/mask"].attrs["downsample"]
+        mask_ds = st.mask_downsample
         cell = grid.step if cfg.mode == "two-stage" else None
         windows, _ = tissue_windows(grid, st.tissue_mask, mask_ds, thr, box_side=cell)
     if (source == "slide") and not (slide_path and Path(slide_path).exists()):
         raise SlideError(
-            f"slide file {meta['slide']['source_name']!r} not found (needed to read windows at "
+            f"slide file {meta.slide.source_name!r} not found (needed to read windows at "
             "this stride or for two-stage detection); pass --slides DIR", store)
     classes = lm.classes
     if cfg.score_class is not None:
@@ -113,30 +121,26 @@ def _plan(store, slide_path, model_dir, name, cfg, params_key, model_info):
     chunk_rows = int(np.clip(math.ceil(cfg.windows_per_task / max(grid.cols, 1)), 1, 256))
     blocks = task_blocks(windows[:, 0], grid.rows, chunk_rows, cfg.windows_per_task)
     mask = st.root["tissue/mask"]
-    mds = mask.attrs["downsample"]
+    mds = st.mask_downsample
     tissue_mm2 = (float(np.count_nonzero(mask[:])) * mds[0] * mds[1] * mpp * mpp / 1e6) if mpp else None
-    info = {
-        "name": name, "mode": cfg.mode, "source": source, "params_key": params_key,
-        "grid": grid.to_dict(), "model": {**model_info, "task": mm.task,
-                                          "patch_size": p, "patch_downsample": d},
-        "config": cfg.model_dump(mode="json"), "classes": list(classes),
-        "score_channel": score_channel, "label": classes[score_channel],
-        "context": context, "n_windows": int(len(windows)), "blocks": [list(b) for b in blocks],
-        "slide_id": meta["slide"]["slide_id"], "mpp": mpp, "tissue_mm2": tissue_mm2,
-        "tissue_threshold": thr,
-    }
+    info = PredictionsMeta(
+        name=name, mode=cfg.mode, source=source, params_key=params_key, grid=grid,
+        model={**model_info, "task": mm.task, "patch_size": p, "patch_downsample": d},
+        config=cfg.model_dump(mode="json"), classes=tuple(classes), score_channel=score_channel,
+        label=classes[score_channel], context=context, n_windows=int(len(windows)),
+        blocks=tuple(tuple(int(x) for x in b) for b in blocks), slide_id=meta.slide_id, mpp=mpp,
+        tissue_mm2=tissue_mm2, tissue_threshold=thr,
+    )
     heat_shape = (lm.n_outputs, grid.rows, grid.cols) if cfg.mode == "window" else None
     create_group(store, name, info, windows, heat_shape, chunk_rows)
-    return {"slide_id": info["slide_id"], "store": store, "blocks": blocks,
+    return {"slide_id": info.slide_id, "store": store, "blocks": blocks,
             "n_windows": int(len(windows)), "source": source}
 
 
 # ----------------------------------------------------------------------------- region tasks
-def _open(store: str, name: str):
-    import zarr
-
-    g = zarr.open_group(store, mode="r+")[f"{GROUP}/{name}"]
-    return g, dict(g.attrs[ATTR])
+def _open(store: str, name: str) -> tuple[Any, PredictionsMeta]:
+    g = open_predictions_group(store, name, "r+")
+    return g, predictions_meta(g)
 
 
 def _rows(windows: np.ndarray, r0: int, r1: int) -> tuple[int, int]:
@@ -152,13 +156,13 @@ def _record(k, r0, r1, n, t0, predict_s, wait_s, **extra) -> dict[str, Any]:
             "io_wait_s": round(wait_s, 4), **extra}
 
 
-def _loaded(model_dir: str, info: dict):
+def _loaded(model_dir: str, info: PredictionsMeta):
     from hpcpath.infer.model import cached_model
 
     lm = cached_model(model_dir)
-    if len(info["classes"]) != lm.n_outputs:
+    if len(info.classes) != lm.n_outputs:
         raise HpcpathError(f"model now has {lm.n_outputs} outputs, planned for "
-                           f"{len(info['classes'])}; rerun", model_dir)
+                           f"{len(info.classes)}; rerun", model_dir)
     return lm
 
 
@@ -167,7 +171,7 @@ def _task_context(store: str, name: str, model_dir: str, r0: int, r1: int):
     window grid, the windows of grid rows [r0, r1) (as the slice a:b) and the cached model."""
     keep_large_buffers()
     g, info = _open(store, name)
-    grid = WindowGrid(**info["grid"])
+    grid = info.grid
     windows = g["windows"][:]
     a, b = _rows(windows, r0, r1)
     return g, info, grid, windows, a, b, _loaded(model_dir, info)
@@ -182,10 +186,8 @@ def predict_windows(store: str, slide_path: str | None, model_dir: str, name: st
     t0 = time.perf_counter()
     g, info, grid, windows, a, b, lm = _task_context(store, name, model_dir, r0, r1)
     batch = cfg.batch_size
-    if info["source"] == "tiles":
-        import zarr
-
-        images = zarr.open_group(store, mode="r")["tiles/images"]
+    if info.source == "tiles":
+        images = open_store(store).tiles
 
         def make():
             return rebatch(tile_pieces(images, a, b), batch)
@@ -197,7 +199,7 @@ def predict_windows(store: str, slide_path: str | None, model_dir: str, name: st
 
         def make():
             pieces = ((idx + a, arrays) for idx, arrays in
-                      slide_pieces(slide, centres, grid.downsample, grid.patch, info["context"]))
+                      slide_pieces(slide, centres, grid.downsample, grid.patch, info.context))
             return rebatch(pieces, batch)
 
     out = np.full((lm.n_outputs, r1 - r0, grid.cols), np.nan, np.float32)
@@ -219,7 +221,7 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
                       r0: int, r1: int, cfg: InferConfig) -> int:
     """Worker task (two-stage): nucleus proposals in the cells of grid rows [r0, r1), each
     classified on a patch centred on it.  Writes its candidates (x, y, score) and record."""
-    from hpcpath.infer.detect import propose_nuclei
+    from hpcpath.detect import propose_nuclei
     from hpcpath.infer.reader import Prefetcher, read_around, cut_patches, point_blocks, rebatch
     from hpcpath.io import open_slide
 
@@ -234,7 +236,7 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
     owner = np.full((max(r1 - r0, 1), max(grid.cols, 1)), -1, np.int32)
     for bi, idx in enumerate(blocks):
         owner[sel[idx, 0] - r0, sel[idx, 1]] = bi
-    px_um = 1.0 / ((info["mpp"] or 0.25) * d)  # patch pixels per micron
+    px_um = 1.0 / ((info.mpp or 0.25) * d)  # patch pixels per micron
     sigma = cfg.proposal_sigma_um * px_um
     min_dist = cfg.proposal_min_distance_um * px_um
     halo = int(math.ceil(p / 2 + 4 * sigma + 2))
@@ -259,7 +261,7 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
             xy = xy[mine]
             tl = np.round(xy / d - lo[None, :] - p / 2).astype(np.int64)
             arrays = {"main": cut_patches(img, tl[:, ::-1], p)}
-            for cname, f in info["context"].items():
+            for cname, f in info.context.items():
                 cimg, coff, _ = read_around(slide, xy, d * f, p)
                 arrays[cname] = cut_patches(cimg, coff, p)
             yield xy, arrays
@@ -270,7 +272,7 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
             t = time.perf_counter()
             scores = lm.predict(arrays, cfg.batch_size, cfg.tta, xla=cfg.xla, mixed=cfg.mixed_precision)
             predict_s += time.perf_counter() - t
-            found.append(np.concatenate([xy, scores[:, info["score_channel"], None]], 1))
+            found.append(np.concatenate([xy, scores[:, info.score_channel, None]], 1))
         wait = pf.wait_s
     pts = np.concatenate(found) if found else np.zeros((0, 3))
     write_task(g, k, _record(k, r0, r1, b - a, t0, predict_s, wait, candidates=len(pts),
@@ -282,7 +284,7 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
 def _heatmap_hits(heat, ch: int, grid: WindowGrid, cfg: InferConfig) -> tuple[np.ndarray, np.ndarray]:
     """Detections from the heatmap, a band of rows at a time (bounded memory): NMS peaks or
     DBSCAN clusters of smoothed windows >= threshold, in level-0 pixels."""
-    from hpcpath.infer.detect import heatmap_peaks, merge_points, smooth_valid
+    from hpcpath.detect import heatmap_peaks, merge_points, smooth_valid
 
     radius_cells = cfg.radius_px / grid.step
     halo = int(math.ceil(radius_cells + 4 * cfg.smooth_sigma)) + 2
@@ -308,17 +310,15 @@ def _heatmap_hits(heat, ch: int, grid: WindowGrid, cfg: InferConfig) -> tuple[np
     return merge_points(xy, sc, cfg.radius_px, cfg.merge)
 
 
-def _thumbnail(root, dims0) -> tuple[np.ndarray, float]:
+def _thumbnail(st, dims0) -> tuple[np.ndarray, float]:
     """RGB thumbnail from the store's pyramid (longer side <= 1024 where a level allows) and
     its level-0 pixels per thumbnail pixel; the tissue mask in grey without a pyramid."""
-    if "image" in root:
-        image = root["image"]
-        n = len(image.attrs["ome"]["multiscales"][0]["datasets"])
-        levels = [image[str(i)] for i in range(n)]
+    levels = st.pyramid
+    if levels:
         pick = next((a for a in levels if max(a.shape[1:]) <= 1024), levels[-1])
         thumb = np.moveaxis(pick[:], 0, -1)
     else:
-        m = root["tissue/mask"][:]
+        m = st.root["tissue/mask"][:]
         thumb = np.where(m[..., None] > 0, 200, 245).astype(np.uint8).repeat(3, -1)
     return np.ascontiguousarray(thumb), dims0[0] / thumb.shape[1]
 
@@ -351,25 +351,22 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
     """Worker task, after every region task: detections (points models), their CSV and
     GeoJSON, the overlay PNG, the slide summary, then the completion marker.  Returns the
     number of detections."""
-    import zarr
-
-    from hpcpath.infer.detect import merge_points
+    from hpcpath.detect import merge_points
     from hpcpath.infer.outputs import detections_csv, detections_geojson, overlay_png
 
-    root = zarr.open_group(store, mode="r+")
-    g = root[f"{GROUP}/{name}"]
-    info = dict(g.attrs[ATTR])
+    st = open_store(store)
+    g, info = _open(store, name)
     recs = read_tasks(g)
-    planned = len(info["blocks"])
-    if len(recs) != planned or sum(r["windows"] for r, _ in recs) != info["n_windows"]:
+    planned = len(info.blocks)
+    if len(recs) != planned or sum(r["windows"] for r, _ in recs) != info.n_windows:
         raise HpcpathError(f"{len(recs)} of {planned} prediction tasks recorded; not marking "
                            "complete (rerun)", store)
-    grid = WindowGrid(**info["grid"])
+    grid = info.grid
     preds = Predictions(Path(store), name, g)
-    ch = info["score_channel"]
-    label = info["label"]
-    summary: dict[str, Any] = {"windows": info["n_windows"], "tasks": planned}
-    if info["mode"] == "window":
+    ch = info.score_channel
+    label = info.label
+    summary: dict[str, Any] = {"windows": info.n_windows, "tasks": planned}
+    if info.mode == "window":
         scores = preds.window_scores(ch).astype(np.float64)
         if len(scores):
             k = min(cfg.top_k, len(scores))
@@ -377,8 +374,8 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
                            topk_mean=float(np.sort(scores)[-k:].mean()),
                            positive_fraction=float((scores >= cfg.threshold).mean()))
     xy = None
-    if info["model"]["task"] == "points":
-        if info["mode"] == "window":
+    if info.task == "points":
+        if info.mode == "window":
             xy, sc = _heatmap_hits(g["heatmap"], ch, grid, cfg)
         else:
             pts = np.concatenate([p for _, p in recs if p is not None and len(p)] or [np.zeros((0, 3))])
@@ -391,30 +388,28 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
             del g["detections"]
         g.create_array("detections", data=det, chunks=(max(1, len(det)), 3),
                        attributes={"columns": ["x", "y", "score"], "class": label})
-        paths = output_paths(out_dir, info["slide_id"])
+        paths = output_paths(out_dir, info.slide_id)
         detections_csv(paths["csv"], xy, sc, label)
-        detections_geojson(paths["geojson"], xy, sc, label, info["slide_id"])
-        area = info.get("tissue_mm2")
+        detections_geojson(paths["geojson"], xy, sc, label, info.slide_id)
+        area = info.tissue_mm2
         summary["detections"] = int(len(xy))
         summary["detections_per_mm2"] = (len(xy) / area) if area else None
-        if info.get("mpp"):  # TUPAC16: mitoses in the densest 10 HPF (2 mm^2), score 1-3
+        if info.mpp:  # TUPAC16: mitoses in the densest 10 HPF (2 mm^2), score 1-3
             from hpcpath.evaluate.proliferation import mitoses_per_10hpf, proliferation_score
 
-            summary["hpf10_max"] = mitoses_per_10hpf(xy, info["mpp"])
+            summary["hpf10_max"] = mitoses_per_10hpf(xy, info.mpp)
             summary["proliferation_score"] = proliferation_score(summary["hpf10_max"])
-    thumb, f = _thumbnail(root, tuple(root.attrs["hpcpath"]["slide"]["level_dimensions"][0]))
+    thumb, f = _thumbnail(st, st.metadata.slide.dimensions)
     heat = (_heat_on_thumb(g["heatmap"], ch, grid, thumb.shape[:2], f)
-            if info["mode"] == "window" else None)
-    overlay_png(output_paths(out_dir, info["slide_id"])["overlay"], thumb, heat,
+            if info.mode == "window" else None)
+    overlay_png(output_paths(out_dir, info.slide_id)["overlay"], thumb, heat,
                 None if xy is None else xy / f)
     tasks = [r for r, _ in recs]
     secs = sum(r["seconds"] for r in tasks)
     summary.update(
         devices=";".join(sorted({r["cuda_visible_devices"] for r in tasks})),
         io_wait_fraction=(sum(r["io_wait_s"] for r in tasks) / secs) if secs else 0.0,
-        tissue_mm2=info.get("tissue_mm2"), mpp=info.get("mpp"), task_records=tasks,
+        tissue_mm2=info.tissue_mm2, mpp=info.mpp, task_records=tasks,
     )
-    info["summary"] = summary
-    info["complete"] = True
-    g.attrs[ATTR] = info  # the completion marker, last
+    write_predictions_meta(g, info.replace(summary=summary, complete=True))  # the marker, last
     return int(summary.get("detections", 0))

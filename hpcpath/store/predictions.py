@@ -28,13 +28,30 @@ from typing import Any
 import numpy as np
 
 from hpcpath.errors import HpcpathError
-from hpcpath.infer.grid import WindowGrid
+from hpcpath.grid import WindowGrid
+from hpcpath.store.meta import PREDICTIONS_ATTR as ATTR
+from hpcpath.store.meta import PredictionsMeta
+from hpcpath.store.slide import open_group
 
 __all__ = ["ATTR", "Predictions", "open_predictions", "predictions_complete", "create_group",
+           "open_predictions_group", "predictions_meta", "write_predictions_meta",
            "write_task", "read_tasks"]
 
-ATTR = "hpcpath_predictions"
 GROUP = "predictions"
+
+
+def open_predictions_group(store: str | os.PathLike, name: str, mode: str = "r"):
+    return open_group(store, mode, f"{GROUP}/{name}")  # type: ignore[arg-type]
+
+
+def predictions_meta(group) -> PredictionsMeta:
+    """The typed attributes of an open ``predictions/<name>`` group."""
+    return PredictionsMeta.from_dict(group.attrs[ATTR])
+
+
+def write_predictions_meta(group, meta: PredictionsMeta) -> None:
+    """Replace the group's attributes; with ``complete=True`` this is the marker, last."""
+    group.attrs[ATTR] = meta.to_dict()
 
 
 @dataclass
@@ -47,7 +64,12 @@ class Predictions:
 
     @property
     def info(self) -> dict[str, Any]:
+        """The attributes as stored (JSON); :attr:`meta` is the typed form."""
         return dict(self.group.attrs[ATTR])
+
+    @property
+    def meta(self) -> PredictionsMeta:
+        return predictions_meta(self.group)
 
     @property
     def complete(self) -> bool:
@@ -55,7 +77,7 @@ class Predictions:
 
     @property
     def grid(self) -> WindowGrid:
-        return WindowGrid(**self.info["grid"])
+        return self.meta.grid
 
     @property
     def windows(self) -> np.ndarray:
@@ -68,7 +90,7 @@ class Predictions:
 
     @property
     def score_channel(self) -> int:
-        return int(self.info["score_channel"])
+        return self.meta.score_channel
 
     def window_scores(self, channel: int | None = None) -> np.ndarray:
         """(N,) score of every predicted window, in ``windows`` order."""
@@ -92,17 +114,14 @@ class Predictions:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return dict(self.info.get("summary") or {})
+        return dict(self.meta.summary)
 
 
 def open_predictions(store: str | os.PathLike, name: str, *, require_complete: bool = True
                      ) -> Predictions:
-    import zarr
-
     store = Path(store)
     try:
-        root = zarr.open_group(str(store), mode="r")
-        g = root[f"{GROUP}/{name}"]
+        g = open_predictions_group(store, name)
     except Exception:  # noqa: BLE001 - missing store or group: one message
         raise HpcpathError(f"no predictions named {name!r} in this store", store) from None
     p = Predictions(store, name, g)
@@ -118,23 +137,21 @@ def predictions_complete(store: str | os.PathLike, name: str, params_key: str | 
         p = open_predictions(store, name)
     except HpcpathError:
         return False
-    return params_key is None or p.info.get("params_key") == params_key
+    return params_key is None or p.meta.params_key == params_key
 
 
-def create_group(store: str, name: str, info: dict[str, Any], windows: np.ndarray,
+def create_group(store: str, name: str, meta: PredictionsMeta, windows: np.ndarray,
                  heatmap_shape: tuple[int, int, int] | None, chunk_rows: int):
     """(Re)create ``predictions/<name>``, marked incomplete, with its windows and an empty
     NaN heatmap whose chunks are whole task rows."""
-    import zarr
-
     from hpcpath.codecs import array_codecs
 
-    root = zarr.open_group(store, mode="r+")
+    root = open_group(store, "r+")
     preds = root.require_group(GROUP)
     if name in preds:
         del preds[name]
     g = preds.create_group(name)
-    g.attrs[ATTR] = {**info, "complete": False}
+    write_predictions_meta(g, meta.replace(complete=False))
     n = len(windows)
     g.create_array("windows", data=np.asarray(windows, np.int32).reshape(-1, 2),
                    chunks=(max(1, min(n, 1 << 20)), 2), attributes={"columns": ["row", "col"]})
@@ -143,7 +160,7 @@ def create_group(store: str, name: str, info: dict[str, Any], windows: np.ndarra
         g.create_array(
             "heatmap", shape=(c, rows, cols), dtype="float32", fill_value=float("nan"),
             chunks=(c, max(1, min(rows, chunk_rows)), max(1, cols)),
-            dimension_names=["c", "y", "x"], attributes={"classes": info.get("classes")},
+            dimension_names=["c", "y", "x"], attributes={"classes": list(meta.classes)},
             **array_codecs("blosc-lz4"),
         )
     g.require_group("tasks")

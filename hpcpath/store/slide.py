@@ -1,5 +1,8 @@
 """The per-slide Zarr v3 store: layout, creation, completion marker, and a reader.
 
+This is the one module that opens a store's Zarr groups: stages create, open and mark
+stores through it and read their metadata as typed objects (:mod:`hpcpath.store.meta`).
+
 Layout (docs/store-layout.md has the full description)::
 
     <slide_id>.zarr/
@@ -18,9 +21,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -28,11 +32,19 @@ import zarr
 import hpcpath.codecs  # noqa: F401  (registers the JPEG codec for readers)
 from hpcpath._version import __version__
 from hpcpath.errors import HpcpathError
+from hpcpath.store.meta import DATASET_ATTR, ROOT_ATTR, DatasetMeta, StoreMeta
 
 __all__ = [
     "INDEX_COLUMNS",
     "SlideStore",
     "open_store",
+    "open_group",
+    "create_slide_store",
+    "create_image_store",
+    "read_meta",
+    "create_dataset",
+    "open_dataset_group",
+    "dataset_meta",
     "store_path",
     "is_complete",
     "mark_complete",
@@ -64,21 +76,22 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     return out
 
 
-def slide_source(store: str | os.PathLike, meta: dict, slide_dirs: list[Path] = ()) -> Path | None:
+def slide_source(store: str | os.PathLike, meta: StoreMeta,
+                 slide_dirs: Sequence[str | os.PathLike] = ()) -> Path | None:
     """The slide file a store was made from: from ``slide_dirs``, else the tiling manifest
     next to the store (stores keep only the file name, for privacy)."""
     import json
 
     from hpcpath.manifest import MANIFEST_NAME
 
-    name = meta["slide"]["source_name"]
+    name = meta.slide.source_name
     for d in slide_dirs:
         if (Path(d) / name).exists():
             return Path(d) / name
     manifest = Path(store).parent / MANIFEST_NAME
     if manifest.exists():
         try:
-            rec = json.loads(manifest.read_text()).get("slides", {}).get(meta["slide"]["slide_id"])
+            rec = json.loads(manifest.read_text()).get("slides", {}).get(meta.slide_id)
         except ValueError:
             rec = None
         if rec and Path(rec["source"]).exists():
@@ -87,14 +100,32 @@ def slide_source(store: str | os.PathLike, meta: dict, slide_dirs: list[Path] = 
 
 
 def _meta(root: zarr.Group) -> dict[str, Any]:
-    return dict(root.attrs.get("hpcpath", {}))
+    return dict(root.attrs.get(ROOT_ATTR, {}))  # type: ignore[arg-type]
+
+
+def open_group(path: str | os.PathLike, mode: Literal["r", "r+"] = "r", group: str = "") -> zarr.Group:
+    """A store's root group (or the sub-group ``group``) for a worker task to read or write
+    arrays: the one place a store's Zarr group is opened."""
+    root = zarr.open_group(str(path), mode=mode)
+    if not group:
+        return root
+    node = root[group]
+    if not isinstance(node, zarr.Group):
+        raise HpcpathError(f"{group} is not a group", path)
+    return node
+
+
+def read_meta(path: str | os.PathLike | zarr.Group) -> StoreMeta:
+    """A slide store's root attributes as a typed :class:`StoreMeta`."""
+    root = path if isinstance(path, zarr.Group) else open_group(path)
+    return StoreMeta.from_dict(_meta(root))
 
 
 def is_complete(path: str | os.PathLike, params_key: str | None = None) -> bool:
     """True when the store exists, carries the completion marker, and (if given) matches
     the tiling parameters it would be made with now."""
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = open_group(path)
     except Exception:  # noqa: BLE001 - missing or unreadable means "not complete"
         return False
     meta = _meta(root)
@@ -105,11 +136,102 @@ def is_complete(path: str | os.PathLike, params_key: str | None = None) -> bool:
 
 def mark_complete(path: str | os.PathLike, group: str = "", attr: str = "hpcpath") -> None:
     """Set ``attributes[attr]["complete"] = True`` on a group: the last write of a stage."""
-    root = zarr.open_group(str(path), mode="r+")
-    node = root[group] if group else root
-    meta = dict(node.attrs[attr])
+    node = open_group(path, "r+", group)
+    meta = dict(node.attrs[attr])  # type: ignore[arg-type]
     meta["complete"] = True
     node.attrs[attr] = meta
+
+
+_PYRAMID_CHUNK = 1024
+
+
+def create_slide_store(path: str | os.PathLike, meta: StoreMeta, *, mask: np.ndarray,
+                       index: np.ndarray, tissue_fraction: np.ndarray, tile_layout: dict[str, Any],
+                       tile_codec: str, pyramid: list[tuple[int, int]],
+                       pyramid_downsample: float) -> zarr.Group:
+    """Create a slide store's whole layout (docs/store-layout.md): root attributes (marked
+    incomplete), tissue mask, tile index and fractions, an empty tile array and, when
+    ``pyramid`` lists (height, width) levels, an empty OME-NGFF pyramid.
+
+    ``tile_layout`` is the tile array's ``chunks`` (and ``shards``) and codecs
+    (:mod:`hpcpath.codecs`); ``tile_codec`` the name recorded in its attributes."""
+    from hpcpath.codecs import array_codecs
+
+    assert not meta.complete, "a store is created incomplete; mark_complete() comes last"
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs[ROOT_ATTR] = meta.to_dict()
+    mh, mw = mask.shape
+    tissue = root.create_group("tissue")
+    tissue.create_array(
+        "mask", data=mask.astype(np.uint8), chunks=(min(mh, 4096), min(mw, 4096)),
+        attributes={"downsample": list(meta.tissue.downsample),
+                    "values": {"0": "background", "1": "tissue"}},
+    )
+    n = len(index)
+    tiles = root.create_group("tiles")
+    tiles.create_array(
+        "index", data=index.reshape(-1, 5), chunks=(max(1, min(n, 65536)), 5),
+        attributes={"columns": list(INDEX_COLUMNS), "coordinates": "level-0 pixels"},
+    )
+    tiles.create_array("tissue_fraction", data=tissue_fraction, chunks=(max(1, min(n, 65536)),))
+    t = meta.tiling.tile_size
+    tiles.create_array(
+        "images", shape=(n, t, t, 3), dtype="uint8", fill_value=0, config={"write_empty_chunks": True},
+        attributes={"axes": ["tile", "y", "x", "c"], "codec": tile_codec}, **tile_layout,
+    )
+    if pyramid:
+        image = root.create_group("image")
+        scales = [pyramid_downsample * 2**i for i in range(len(pyramid))]
+        image.attrs["ome"] = ngff_multiscales(meta.slide_id, scales, meta.slide.mpp)
+        for i, (h, w) in enumerate(pyramid):
+            image.create_array(
+                str(i), shape=(3, h, w), dtype="uint8",
+                chunks=(3, min(h, _PYRAMID_CHUNK), min(w, _PYRAMID_CHUNK)),
+                fill_value=255, dimension_names=["c", "y", "x"],
+                **array_codecs("blosc-lz4"),
+            )
+    return root
+
+
+def create_image_store(path: str | os.PathLike) -> zarr.Group:
+    """An image-dataset store (no slide: ``attributes["hpcpath"]["kind"] = "images"``)."""
+    remove_store(path)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs[ROOT_ATTR] = {"version": __version__, "kind": "images", "complete": True}
+    return root
+
+
+def pyramid_levels(image: zarr.Group) -> list[zarr.Array]:
+    """The arrays of an OME-NGFF ``image`` group, finest first."""
+    n = len(image.attrs["ome"]["multiscales"][0]["datasets"])  # type: ignore[index,call-overload,arg-type]
+    return [image[str(i)] for i in range(n)]  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- datasets
+def create_dataset(store: str | os.PathLike, name: str, meta: DatasetMeta) -> zarr.Group:
+    """(Re)create ``datasets/<name>`` with its attributes (incomplete); arrays are the
+    caller's (they differ per rule)."""
+    root = open_group(store, "r+")
+    group = root.require_group("datasets")
+    if name in group:
+        del group[name]
+    g = group.create_group(name)
+    g.attrs[DATASET_ATTR] = meta.replace(complete=False).to_dict()
+    return g
+
+
+def open_dataset_group(store: str | os.PathLike, name: str, mode: Literal["r", "r+"] = "r") -> zarr.Group:
+    return open_group(store, mode, f"datasets/{name}")
+
+
+def dataset_meta(group: zarr.Group) -> DatasetMeta:
+    """The typed attributes of an open ``datasets/<name>`` group."""
+    return DatasetMeta.from_dict(group.attrs[DATASET_ATTR])  # type: ignore[arg-type]
+
+
+def finish_dataset(store: str | os.PathLike, name: str) -> None:
+    """Mark ``datasets/<name>`` complete: the last write of a dataset build."""
+    mark_complete(store, f"datasets/{name}", DATASET_ATTR)
 
 
 def remove_store(path: str | os.PathLike) -> None:
@@ -168,7 +290,12 @@ class SlideStore:
 
     @property
     def meta(self) -> dict[str, Any]:
+        """The root attributes as stored (JSON); :attr:`metadata` is the typed form."""
         return _meta(self.root)
+
+    @property
+    def metadata(self) -> StoreMeta:
+        return StoreMeta.from_dict(self.meta)
 
     @property
     def complete(self) -> bool:
@@ -176,7 +303,13 @@ class SlideStore:
 
     @property
     def tiles(self) -> zarr.Array:
-        return self.root["tiles/images"]
+        return self.root["tiles/images"]  # type: ignore[return-value]
+
+    @property
+    def mask_downsample(self) -> tuple[float, float]:
+        """Level-0 px per tissue-mask px (x, y)."""
+        dx, dy = self.root["tissue/mask"].attrs["downsample"]  # type: ignore[misc]
+        return float(dx), float(dy)
 
     @property
     def index(self) -> np.ndarray:
@@ -194,9 +327,7 @@ class SlideStore:
     def pyramid(self) -> list[zarr.Array]:
         if "image" not in self.root:
             return []
-        image = self.root["image"]
-        n = len(image.attrs["ome"]["multiscales"][0]["datasets"])
-        return [image[str(i)] for i in range(n)]
+        return pyramid_levels(self.root["image"])  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return int(self.tiles.shape[0])
@@ -208,11 +339,13 @@ class SlideStore:
         return da.from_zarr(self.tiles)
 
 
-def open_store(path: str | os.PathLike, *, require_complete: bool = True) -> SlideStore:
-    """Open ``<slide_id>.zarr`` for reading.  Partial stores are refused unless asked for."""
+def open_store(path: str | os.PathLike, *, require_complete: bool = True,
+               mode: Literal["r", "r+"] = "r") -> SlideStore:
+    """Open ``<slide_id>.zarr`` for reading (``mode="r+"``: a task that writes its own
+    chunks).  Partial stores are refused unless asked for."""
     path = Path(path)
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = open_group(path, mode)
     except Exception as exc:  # noqa: BLE001
         raise HpcpathError(f"not an hpcpath slide store ({type(exc).__name__})", path) from None
     store = SlideStore(path, root)

@@ -22,6 +22,8 @@ import socket
 import sys
 from pathlib import Path
 
+from hpcpath.files import write_json, write_text
+
 __all__ = ["RunLog", "AuditLog", "weights_checksum", "gather_json", "ranks_record", "rank_sync"]
 
 
@@ -62,9 +64,7 @@ class RunLog:
         w.writeheader()
         w.writerows(self.rows)
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / ".history.csv.tmp"
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, self.out / "history.csv")
+        write_text(self.out / "history.csv", buf.getvalue())
 
     def _scalars(self, row: dict) -> None:
         """TensorBoard scalars with plain TF ops (the tensorboard package is not needed)."""
@@ -137,9 +137,7 @@ def ranks_record(engine, out: Path) -> list[dict]:
     ranks = gather_json(engine, me)
     if engine.is_chief:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".ranks.json.tmp"
-        tmp.write_text(json.dumps(ranks, indent=1) + "\n")
-        os.replace(tmp, out / "ranks.json")
+        write_json(out / "ranks.json", ranks, indent=1)
     return ranks
 
 

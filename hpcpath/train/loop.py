@@ -368,13 +368,15 @@ def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict, ranks: li
     from hpcpath.modelio import ModelMeta, save_model
     from hpcpath.train.models import input_names
 
-    import zarr
+    from hpcpath.store import read_meta
 
     downsample, mpp, ctx = None, None, ()
     try:
-        root = zarr.open_group(str(data.train.stores[0]), mode="r")
-        tiling = root.attrs.get("hpcpath", {}).get("tiling") or {}
-        downsample, mpp = tiling.get("downsample"), tiling.get("tile_mpp")
+        tiling = read_meta(data.train.stores[0]).tiling
+        downsample, mpp = tiling.downsample, tiling.tile_mpp
+    except (KeyError, OSError, ValueError, TypeError):
+        pass  # an image dataset's stores have no tiling: patches are whole images
+    try:
         ctx = tuple(float(c) for c in json.loads(Path(cfg.dataset).read_text()).get("context_downsamples", ()))
     except (KeyError, OSError, ValueError, TypeError):
         pass

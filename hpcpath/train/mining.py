@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcpath.errors import HpcpathError
+from hpcpath.files import write_json
 
 __all__ = ["score_negatives", "hard_negative_indices", "mine", "load_hard_negatives",
            "mine_slides", "far_false_positives", "extend_points_dataset"]
@@ -93,9 +94,7 @@ def mine(cfg, model_dir: str | os.PathLike, out: str | os.PathLike, *, threshold
     if engine.is_chief:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json(path, doc, indent=1)
     return doc
 
 
@@ -156,22 +155,18 @@ def extend_points_dataset(store: str, slide_path: str | None, name: str, new: st
     """Worker task: ``datasets/<new>`` in ``store`` = every item of ``datasets/<name>``
     followed by one negative per centre (patch pixels read from the slide at the item's
     level-0 centre, context patches too), marked complete last.  Returns the new counts."""
-    import zarr
-
     from hpcpath.codecs import array_codecs
-    from hpcpath.store import mark_complete
+    from hpcpath.store import create_dataset, dataset_meta, finish_dataset, open_dataset_group
 
-    root = zarr.open_group(store, mode="r+")
-    old = root[f"datasets/{name}"]
-    info = dict(old.attrs["hpcpath_dataset"])
-    k0, k = int(info["items"]), len(centres)
-    group = root["datasets"]
-    if new in group:
-        del group[new]
-    g = group.create_group(new)
+    old = open_dataset_group(store, name)
+    info = dataset_meta(old)
+    k0, k = info.items, len(centres)
+    info = info.replace(items=k0 + k, extra={**info.extra, "mined": {
+        "from": name, "hard_negatives": k, "first_item": k0,
+        "scores": [round(float(s), 6) for s in scores]}})
+    g = create_dataset(store, new, info)
     arrays = ["labels", "centres", "item_index", "rotation"] + [
-        a for a in ("images", *(f"context/{r:g}" for r in info["config"].get("context_downsamples", ())))
-        if a in old]
+        a for a in ("images", *(f"context/{r:g}" for r in info.context_downsamples)) if a in old]
     extra = {"labels": np.zeros(k, np.uint8), "centres": np.asarray(centres, np.float64).reshape(-1, 2),
              "item_index": np.full(k, -1, np.int64), "rotation": np.zeros(k, np.int8)}
     if k and any(a == "images" or a.startswith("context/") for a in arrays):
@@ -180,7 +175,7 @@ def extend_points_dataset(store: str, slide_path: str | None, name: str, new: st
         from hpcpath.io import open_slide
 
         slide = open_slide(slide_path, cached=True)
-        t, ds0 = info["patch_size"], info["patch_downsample"]
+        t, ds0 = info.patch_size, float(info.patch_downsample or 1.0)
         for a in arrays:
             if a == "images" or a.startswith("context/"):
                 ds = ds0 * (1.0 if a == "images" else float(a.split("/", 1)[1]))
@@ -193,12 +188,8 @@ def extend_points_dataset(store: str, slide_path: str | None, name: str, new: st
             data = np.concatenate([data, extra[a].astype(data.dtype).reshape(-1, *data.shape[1:])])
         kw = array_codecs("blosc-lz4") if data.ndim == 4 else {}
         g.create_array(a, data=data, chunks=(max(1, min(src.chunks[0], len(data))), *data.shape[1:]), **kw)
-    info.update(complete=False, items=k0 + k, positives=int(info["positives"]),
-                mined={"from": name, "hard_negatives": k, "first_item": k0,
-                       "scores": [round(float(s), 6) for s in scores]})
-    g.attrs["hpcpath_dataset"] = info
-    mark_complete(store, f"datasets/{new}", "hpcpath_dataset")
-    return {"items": k0 + k, "positives": int(info["positives"]), "added": k, "first_item": k0}
+    finish_dataset(store, new)  # the completion marker, last
+    return {"items": k0 + k, "positives": info.positives, "added": k, "first_item": k0}
 
 
 def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, annotations,
@@ -225,7 +216,7 @@ def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, a
     from hpcpath.config import DatasetConfig, InferConfig
     from hpcpath.dataset.build import _is_annotation
     from hpcpath.infer import infer_slides, open_predictions
-    from hpcpath.store import open_store, slide_source
+    from hpcpath.store import dataset_meta, open_dataset_group, open_store, slide_source
 
     emit = on_event or (lambda kind, info: None)
     out = Path(out_dir)
@@ -255,13 +246,11 @@ def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, a
         update={"name": (infer_cfg.name if infer_cfg and infer_cfg.name else "hpcpath-mine"),
                 "threshold": thr})
     truths, dinfos = {}, {}
-    import zarr
 
     for s in train:  # truth and dataset attributes first: a bad file fails before any work
         sid = s["slide_id"]
-        g = zarr.open_group(str(stores[sid]), mode="r")[f"datasets/{doc['name']}"]
-        dinfos[sid] = dict(g.attrs["hpcpath_dataset"])
-        truths[sid] = _truth_points(matched[sid], DatasetConfig(**dinfos[sid]["config"]))
+        dinfos[sid] = dataset_meta(open_dataset_group(stores[sid], doc["name"]))
+        truths[sid] = _truth_points(matched[sid], DatasetConfig(**dinfos[sid].config))
     emit("detect", {"slides": len(train)})
     res = infer_slides([stores[s["slide_id"]] for s in train], model_dir, out / "detections", icfg,
                        client=client, slide_dirs=list(slide_dirs))
@@ -274,12 +263,12 @@ def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, a
     per_slide, futures, mined = [], {}, {}
     for s in slides:
         sid, st = s["slide_id"], stores[s["slide_id"]]
-        root_meta = open_store(st).meta
+        root_meta = open_store(st).metadata
         centres, scores = np.zeros((0, 2)), np.zeros(0)
         mined[sid] = scores
         if sid in truths:
             dist = float(min_distance_px if min_distance_px is not None
-                         else dinfos[sid]["min_distance_px"])
+                         else dinfos[sid].min_distance_px)
             det = open_predictions(st, icfg.name).detections
             det = det[det[:, 2] >= thr] if len(det) else det.reshape(0, 3)
             truth = truths[sid]
@@ -321,6 +310,4 @@ def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, a
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, doc, indent=1)
