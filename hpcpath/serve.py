@@ -331,13 +331,13 @@ class SlideJobs:
         return self._client
 
     def _run(self, job: _Job) -> None:
-        from hpcpath.infer import infer_slides
         from hpcpath.infer.tasks import output_paths
+        from hpcpath.workflows import infer_inputs
 
         job.status, job.started = "running", _now()
         status, message = "failed", None
         try:
-            res = infer_slides([str(job.source)], self.model_dir, job.out, self.cfg,
+            res = infer_inputs([str(job.source)], self.model_dir, job.out, self.cfg,
                                client=self._session(), slide_dirs=list[str | os.PathLike](self.roots))
             if not res.rows:
                 raise HpcpathError("no slide found there", str(job.source))

@@ -77,8 +77,8 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     """
     from hpcpath.cluster import parse_cluster_spec
     from hpcpath.config import InferConfig
-    from hpcpath.infer import infer_slides
     from hpcpath.infer.run import check_model
+    from hpcpath.workflows import infer_inputs
 
     from hpcpath.gpu import setting_from_env
 
@@ -94,7 +94,8 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
                 n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
                 click.echo(f"hpcpath: warning: {n} of {wait_workers} workers connected; going on", err=True)
         report = _Report()
-        result = infer_slides(list(inputs), model_dir, out_dir, cfg, client=client,
+        # raw slides are tiled first (OUT/stores), then every store is predicted
+        result = infer_inputs(list(inputs), model_dir, out_dir, cfg, client=client,
                               slide_dirs=list(slide_dirs), on_event=report)
         report.status()
     done = [r for r in result.rows if r["status"] == "complete"]

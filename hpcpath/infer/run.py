@@ -22,11 +22,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from collections.abc import Sequence
 
-from hpcpath.config import NAME_PATTERN, InferConfig, TileConfig
+from hpcpath.config import NAME_PATTERN, InferConfig
 from hpcpath.errors import HpcpathError, OutputError
-from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS, read_table, write_table
-from hpcpath.infer.predictions import open_predictions, predictions_complete
+from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS
+from hpcpath.files import read_table, write_table
+from hpcpath.store.predictions import open_predictions, predictions_complete
 from hpcpath.infer.tasks import (detect_candidates, finish_predictions, output_paths,
                                  plan_predictions, predict_windows)
 from hpcpath.stage import run_per_slide, task_key
@@ -82,7 +84,7 @@ def prediction_name(model_dir: str | os.PathLike, name: str | None = None) -> st
 def _claim_output(out: Path, name: str, model_info: dict) -> None:
     """One output folder holds one prediction name (file names carry only the slide id):
     refuse a folder another name's run wrote, record ours."""
-    from hpcpath.infer.outputs import write_atomic
+    from hpcpath.files import write_atomic
 
     marker = out / RUN_MARKER
     if marker.exists():
@@ -97,7 +99,7 @@ def _claim_output(out: Path, name: str, model_info: dict) -> None:
     write_atomic(marker, (json.dumps(doc, indent=2) + "\n").encode())
 
 
-def _split_inputs(inputs) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+def split_inputs(inputs) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
     """(stores, slides, bad inputs with a reason)."""
     from hpcpath.io import discover_slides
 
@@ -162,13 +164,15 @@ def infer_slides(
     *,
     client=None,
     slide_dirs: list[str | os.PathLike] = (),
-    tile_config: TileConfig | None = None,
+    failed: Sequence[tuple[str, str]] = (),
     on_event: Callable[[str, dict], None] | None = None,
 ) -> InferResult:
-    """Run the model in ``model_dir`` over slides or slide stores; write to ``out_dir``.
+    """Run the model in ``model_dir`` over slide stores (or folders of them); write to
+    ``out_dir``.
 
-    Slides (files or folders of them) are first tiled into ``out_dir/stores`` (reusing
-    complete stores); stores are used where they are and get ``predictions/<name>``.  Per
+    Stores are used where they are and get ``predictions/<name>``; raw slides are tiled
+    first by the caller (:func:`hpcpath.workflows.infer_inputs`, ``hpcpath infer``), whose
+    failures (``failed``: slide id, one-line error) are recorded like any other.  Per
     slide, ``out_dir`` receives ``<slide_id>.overlay.png`` and, for points models,
     ``<slide_id>.detections.csv`` / ``.geojson``; ``summary.csv`` holds one row per slide,
     ``tasks.csv`` one row per prediction task (where it ran, for how long).
@@ -215,38 +219,29 @@ def infer_slides(
                 "mode": cfg.mode, "error": error, "seconds": round(seconds, 3),
                 "store": str(store or "")}, tasks=[])
 
-    stores, slides, bad = _split_inputs(inputs)
+    stores, slides, bad = split_inputs(inputs)
+    for sid, error in failed:
+        failure(sid, error)
     for p, why in bad:
         failure(p.stem, f"{p}: {why}")
-    sources: dict[str, Path | None] = {}
-    if slides:
-        from hpcpath.tiling import tile_slides
-
-        tcfg = tile_config or (TileConfig(tile_size=mmeta.patch_size, mpp=mmeta.patch_mpp)
-                               if mmeta.patch_mpp else TileConfig(tile_size=mmeta.patch_size))
-        emit("tiling", {"slides": len(slides)})
-        res = tile_slides(slides, out / "stores", tcfg, client=client)
-        for rec in res.records:
-            if rec.status in ("complete", "empty"):  # no tissue: still a store, 0 windows
-                stores.append(out / "stores" / f"{rec.slide_id}.zarr")
-                sources[rec.slide_id] = Path(rec.source)
-            else:
-                failure(rec.slide_id, f"{rec.source}: {rec.error}")
+    for p in slides:  # the Python API given a slide: say what to do, as one line
+        failure(p.stem, f"{p}: a slide, not a slide store: tile it first (hpcpath tile, or "
+                        "hpcpath.workflows.infer_inputs)")
     dirs = [Path(d) for d in slide_dirs]
     plans: dict[str, tuple[Callable, tuple]] = {}
     by_id: dict[str, Path] = {}
     for st in stores:
         try:
-            meta = open_store(st).meta
+            meta = open_store(st).metadata
         except HpcpathError as exc:
             failure(st.stem, str(exc), st)
             continue
-        sid = meta["slide"]["slide_id"]
+        sid = meta.slide_id
         if sid in by_id:
             failure(sid, f"{st}: slide id {sid!r} is also {by_id[sid]}", st)
             continue
         by_id[sid] = st
-        src = sources.get(sid) or slide_source(st, meta, dirs)
+        src = slide_source(st, meta, dirs)
         paths = output_paths(str(out), sid)
         needed = [paths["overlay"]] + ([paths["csv"], paths["geojson"]] if mmeta.task == "points" else [])
         if predictions_complete(st, name, key) and all(p.exists() for p in needed):
