@@ -7,7 +7,7 @@ use: the centre of level-0 pixel ``(x, y)`` is at ``(x * mpp_x, y * mpp_y)``.  A
 stands for ``s x s`` level-0 pixels starting at level-0 ``x0`` therefore has scale
 ``s * mpp`` and translation ``(x0 + (s - 1) / 2) * mpp``.
 
-A heatmap holds one value per sliding window (``hpcpath.grid``): window ``(r, c)`` covers
+A heatmap holds one value per sliding window (:mod:`hpcpath.grid`): window ``(r, c)`` covers
 level-0 ``[c * step, c * step + side)``, so heatmap pixel ``(r, c)`` gets scale ``step`` and
 translation ``(side - 1) / 2`` (level-0 pixels, times the MPP): its centre is the window's
 centre and, for non-overlapping windows, its extent is exactly the window.
@@ -21,8 +21,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NGFF_VERSION", "multiscales", "class_colors", "heatmap_levels", "label_image",
-           "write_heatmap_layers"]
+__all__ = [
+    "NGFF_VERSION",
+    "class_colors",
+    "heatmap_levels",
+    "label_image",
+    "multiscales",
+    "write_heatmap_layers",
+]
 
 NGFF_VERSION = "0.5"
 RGB_CHANNELS = (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
@@ -91,10 +97,11 @@ def _half(a: np.ndarray) -> np.ndarray:
         return np.nanmean(blocks, axis=(2, 4)).astype(np.float32)
 
 
-def heatmap_levels(heat: np.ndarray, min_side: int = _LEVEL_MIN) -> list[np.ndarray]:
-    """The heatmap, then 2x2 NaN-means until the longer side is at most ``min_side``."""
+def heatmap_levels(heat: np.ndarray, n: int | None = None, min_side: int = _LEVEL_MIN) -> list[np.ndarray]:
+    """The heatmap, then 2x2 NaN-means: ``n`` levels in all, or (``n`` None) until the longer
+    side is at most ``min_side``."""
     levels = [np.asarray(heat, np.float32)]
-    while max(levels[-1].shape[1:]) > min_side:
+    while (len(levels) < n) if n is not None else (max(levels[-1].shape[1:]) > min_side):
         levels.append(_half(levels[-1]))
     return levels
 
@@ -125,13 +132,15 @@ def write_heatmap_layers(root, group, name: str, classes: Sequence[str], *, step
     OME-NGFF image: ``heatmap`` is level 0, ``heatmap_<k>`` level k (2^k windows a pixel),
     float probabilities, one channel per class; and, when the store has its ``image``
     pyramid, ``image/labels/<name>``: the NGFF label image (1 + class where it is at least
-    ``threshold``), colours and class names in ``image-label``.  Both are placed on the
-    slide's level-0 pixels (module docstring).  Returns the number of levels (0: no
-    windows, nothing written)."""
+    ``threshold``), colours and class names in ``image-label``, with as many levels as the
+    image (the labels spec's MUST).  Both are placed on the slide's level-0 pixels (module
+    docstring).  Returns the number of levels (0: no windows, nothing written)."""
     heat = group["heatmap"]
     if heat.size == 0:
         return 0
-    levels = heatmap_levels(heat[:])
+    image = root.get("image")
+    n = len(image.attrs["ome"]["multiscales"][0]["datasets"]) if image is not None else None
+    levels = heatmap_levels(heat[:], n)
     for k, lev in enumerate(levels[1:], 1):
         _array(group, f"heatmap_{k}", lev)
     scales = [step * 2**k for k in range(len(levels))]
@@ -143,9 +152,9 @@ def write_heatmap_layers(root, group, name: str, classes: Sequence[str], *, step
     for k, ds in enumerate(ome["multiscales"][0]["datasets"]):
         ds["path"] = "heatmap" if k == 0 else f"heatmap_{k}"
     group.attrs["ome"] = ome
-    if "image" not in root:
+    if image is None:
         return len(levels)
-    labels = root["image"].require_group("labels")
+    labels = image.require_group("labels")
     names = list(labels.attrs.get("ome", {}).get("labels", []))
     lab = labels.require_group(name)
     for k, lev in enumerate(levels):

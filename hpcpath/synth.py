@@ -30,6 +30,12 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from hpcpath.annotations.geojson import (
+    feature_collection_bytes,
+    point_geometry,
+    polygon_geometry,
+    qupath_feature,
+)
 from hpcpath.files import atomic_file, write_text
 from hpcpath.geometry import points_in_polygons, polygon_rings, rasterize_polygons
 
@@ -697,16 +703,6 @@ def _write_mask(path, tumour, w, h, mpp, tile, dss):
                       resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)))
 
 
-def _feature(geom_type, coords, name, color):
-    return {"type": "Feature", "geometry": {"type": geom_type, "coordinates": coords},
-            "properties": {"objectType": "annotation",
-                           "classification": {"name": name, "color": color}}}
-
-
-def _ring(p: np.ndarray) -> list:
-    return [[float(x), float(y)] for x, y in np.vstack([p, p[:1]])]
-
-
 def _asap(tumour) -> str:
     root = ET.Element("ASAP_Annotations")
     anns = ET.SubElement(root, "Annotations")
@@ -725,14 +721,16 @@ def _asap(tumour) -> str:
 
 def _sidecars(truth: SynthTruth) -> None:
     f = truth.files
-    feats = ([_feature("Polygon", [_ring(p)], "Tumor", [200, 0, 0]) for p in truth.tumour]
-             + [_feature("Polygon", [_ring(p)], "Tissue", [80, 160, 80]) for p in truth.tissue])
-    _write_text(f["tumor_geojson"], json.dumps({"type": "FeatureCollection", "features": feats}))
+    sid = truth.slide.stem  # QuPath objects (hpcpath.annotations.geojson): ids from the slide
+    regions = [("Tumor", (200, 0, 0), p) for p in truth.tumour] + [("Tissue", (80, 160, 80), p) for p in truth.tissue]
+    feats = [qupath_feature(polygon_geometry([p]), name, col, key=f"{sid}/{name}/{i}")
+             for i, (name, col, p) in enumerate(regions)]
+    _write_text(f["tumor_geojson"], feature_collection_bytes(feats).decode())
     _write_text(f["tumor_xml"], _asap(truth.tumour))
     _write_text(f["mitoses_csv"], "x,y\n" + "".join(f"{x:.2f},{y:.2f}\n" for x, y in truth.mitoses))
-    pts = [_feature("Point", [float(x), float(y)], "Mitosis", [255, 200, 0])
-           for x, y in truth.mitoses]
-    _write_text(f["mitoses_geojson"], json.dumps({"type": "FeatureCollection", "features": pts}))
+    pts = [qupath_feature(point_geometry(x, y), "Mitosis", (255, 200, 0), key=f"{sid}/Mitosis/{i}")
+           for i, (x, y) in enumerate(truth.mitoses)]
+    _write_text(f["mitoses_geojson"], feature_collection_bytes(pts).decode())
     extra = {} if truth.preset == "easy" else {
         "preset": truth.preset, "mimics": truth.mimics.tolist(),
         "mimic_kinds": list(truth.mimic_kinds),

@@ -31,8 +31,14 @@ import numpy as np
 from hpcpath.annotations._errors import AnnotationError, fail, skip, warn
 from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, Region
 
-__all__ = ["read_geojson", "qupath_feature", "point_geometry", "polygon_geometry",
-           "feature_collection_bytes", "OBJECT_TYPES"]
+__all__ = [
+    "OBJECT_TYPES",
+    "feature_collection_bytes",
+    "point_geometry",
+    "polygon_geometry",
+    "qupath_feature",
+    "read_geojson",
+]
 
 OBJECT_TYPES = ("annotation", "detection")
 _ID_NAMESPACE = uuid.UUID("8f0c2a4e-6b1d-4d59-9a57-3c1f5e0b7a21")

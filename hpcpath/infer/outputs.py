@@ -7,21 +7,24 @@ byte-identical files (GeoJSON ids are name-based UUIDs, not random ones).
 from __future__ import annotations
 
 import io
-import json
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from hpcpath.annotations.geojson import (
+    feature_collection_bytes,
+    point_geometry,
+    qupath_feature,
+)
 from hpcpath.files import write_atomic
 
 __all__ = [
     "SUMMARY_COLUMNS",
     "TASK_COLUMNS",
+    "colorize",
     "detections_csv",
     "detections_geojson",
-    "colorize",
     "overlay_png",
 ]
 
@@ -35,7 +38,6 @@ TASK_COLUMNS = (
     "slide_id", "task", "rows", "windows", "candidates", "cuda_visible_devices", "tf_gpus", "device",
     "worker", "host", "slurm_job_id", "seconds", "predict_s", "io_wait_s",
 )
-_NAMESPACE = uuid.UUID("8f0c2a4e-6b1d-4d59-9a57-3c1f5e0b7a21")
 
 
 def detections_csv(path, xy: np.ndarray, score: np.ndarray, label: str) -> Path:
@@ -50,23 +52,14 @@ def detections_csv(path, xy: np.ndarray, score: np.ndarray, label: str) -> Path:
 
 def detections_geojson(path, xy: np.ndarray, score: np.ndarray, label: str, slide_id: str,
                        color: Sequence[int] = (255, 200, 0)) -> Path:
-    """A QuPath-importable FeatureCollection: one ``Point`` annotation per detection with
-    ``classification`` {name, color} and the score under ``measurements``."""
-    feats = []
-    for i, ((x, y), s) in enumerate(zip(np.asarray(xy).reshape(-1, 2), np.asarray(score).reshape(-1))):
-        feats.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(_NAMESPACE, f"{slide_id}/{label}/{i}/{x:.2f}/{y:.2f}")),
-            "geometry": {"type": "Point", "coordinates": [round(float(x), 2), round(float(y), 2)]},
-            "properties": {
-                "objectType": "annotation",
-                "classification": {"name": label, "color": [int(c) for c in color]},
-                "isLocked": False,
-                "measurements": {"score": round(float(s), 6)},
-            },
-        })
-    doc = {"type": "FeatureCollection", "features": feats}
-    return write_atomic(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
+    """A QuPath-importable FeatureCollection (the shared writer,
+    :func:`hpcpath.annotations.geojson.qupath_feature`): one ``Point`` annotation per
+    detection with ``classification`` {name, color} and the score under ``measurements``."""
+    feats = [qupath_feature(point_geometry(x, y, 2), label, color,
+                            key=f"{slide_id}/{label}/{i}/{x:.2f}/{y:.2f}",
+                            measurements={"score": round(float(s), 6)})
+             for i, ((x, y), s) in enumerate(zip(np.asarray(xy).reshape(-1, 2), np.asarray(score).reshape(-1)))]
+    return write_atomic(path, feature_collection_bytes(feats))
 
 
 # A perceptual blue-green-yellow-red ramp (close to "turbo"), anchors at 0, .25, .5, .75, 1.

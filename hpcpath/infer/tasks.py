@@ -353,6 +353,8 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
     number of detections."""
     from hpcpath.detect import merge_points
     from hpcpath.infer.outputs import detections_csv, detections_geojson, overlay_png
+    from hpcpath.ngff import class_colors, write_heatmap_layers
+    from hpcpath.store import open_group
 
     st = open_store(store)
     g, info = _open(store, name)
@@ -390,7 +392,8 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
                        attributes={"columns": ["x", "y", "score"], "class": label})
         paths = output_paths(out_dir, info.slide_id)
         detections_csv(paths["csv"], xy, sc, label)
-        detections_geojson(paths["geojson"], xy, sc, label, info.slide_id)
+        detections_geojson(paths["geojson"], xy, sc, label, info.slide_id,
+                           class_colors(info.classes)[ch])  # napari's labels colour too
         area = info.tissue_mm2
         summary["detections"] = int(len(xy))
         summary["detections_per_mm2"] = (len(xy) / area) if area else None
@@ -399,6 +402,9 @@ def finish_predictions(store: str, name: str, out_dir: str, cfg: InferConfig, *d
 
             summary["hpf10_max"] = mitoses_per_10hpf(xy, info.mpp)
             summary["proliferation_score"] = proliferation_score(summary["hpf10_max"])
+    if info.mode == "window":  # the heatmap as OME-NGFF image + labels, for viewers
+        write_heatmap_layers(open_group(store, "r+"), g, name, info.classes, step=grid.step,
+                             side=grid.side, mpp=st.metadata.slide.mpp, threshold=cfg.threshold)
     thumb, f = _thumbnail(st, st.metadata.slide.dimensions)
     heat = (_heat_on_thumb(g["heatmap"], ch, grid, thumb.shape[:2], f)
             if info.mode == "window" else None)

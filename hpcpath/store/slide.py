@@ -246,39 +246,11 @@ def remove_store(path: str | os.PathLike) -> None:
 
 
 def ngff_multiscales(name: str, scales: list[float], mpp: tuple[float, float] | None) -> dict:
-    """OME-NGFF 0.5 ``multiscales`` metadata for a (c, y, x) pyramid."""
-    unit = "micrometer" if mpp else None
-    mx, my = mpp if mpp else (1.0, 1.0)
-    space = {"type": "space", **({"unit": unit} if unit else {})}
-    return {
-        "version": NGFF_VERSION,
-        "multiscales": [
-            {
-                "name": name,
-                "axes": [
-                    {"name": "c", "type": "channel"},
-                    {"name": "y", **space},
-                    {"name": "x", **space},
-                ],
-                "datasets": [
-                    {
-                        "path": str(i),
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0, my * s, mx * s]}
-                        ],
-                    }
-                    for i, s in enumerate(scales)
-                ],
-            }
-        ],
-        "omero": {
-            "channels": [
-                {"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
-                for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
-            ],
-            "rdefs": {"model": "color"},
-        },
-    }
+    """OME-NGFF 0.5 ``multiscales`` metadata for the (c, y, x) RGB pyramid: scales and
+    pixel-centre translations as :func:`hpcpath.ngff.multiscales` places every layer."""
+    from hpcpath.ngff import multiscales
+
+    return multiscales(name, scales, mpp)
 
 
 @dataclass
