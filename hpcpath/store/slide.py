@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 INDEX_COLUMNS = ("x", "y", "level", "row", "col")
-NGFF_VERSION = "0.5"
 
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
