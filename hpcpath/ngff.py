@@ -117,12 +117,12 @@ def label_image(probs: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(top >= threshold, best + 1, 0).astype(dtype)[None]
 
 
-def _array(group, path: str, data: np.ndarray, attrs: dict | None = None) -> None:
+def _array(group, path: str, data: np.ndarray) -> None:
     from hpcpath.codecs import array_codecs
 
     c, h, w = data.shape
     group.create_array(path, data=data, chunks=(c, max(1, min(h, _CHUNK)), max(1, min(w, _CHUNK))),
-                       dimension_names=["c", "y", "x"], attributes=attrs or {}, overwrite=True,
+                       dimension_names=["c", "y", "x"], overwrite=True,
                        **array_codecs("blosc-lz4"))
 
 
