@@ -47,7 +47,7 @@ class JpegCodec(ArrayBytesCodec):
         object.__setattr__(self, "quality", int(quality))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JpegCodec":
+    def from_dict(cls, data: dict[str, Any]) -> JpegCodec:
         return cls(**(data.get("configuration") or {}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,7 +57,7 @@ class JpegCodec(ArrayBytesCodec):
         if dtype.to_native_dtype() != np.uint8:
             raise ValueError("JpegCodec needs a uint8 array")
 
-    def _encode_sync(self, chunk_array: "NDBuffer", chunk_spec: "ArraySpec") -> "Buffer | None":
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         import imagecodecs
 
         arr = np.ascontiguousarray(chunk_array.as_numpy_array())
@@ -65,7 +65,7 @@ class JpegCodec(ArrayBytesCodec):
         data = imagecodecs.jpeg8_encode(image, level=self.quality, subsampling="444")
         return chunk_spec.prototype.buffer.from_bytes(data)
 
-    def _decode_sync(self, chunk_bytes: "Buffer", chunk_spec: "ArraySpec") -> "NDBuffer":
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         import imagecodecs
 
         image = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
@@ -93,7 +93,7 @@ class Jpeg2kCodec(ArrayBytesCodec):
     is_fixed_size = False
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Jpeg2kCodec":
+    def from_dict(cls, data: dict[str, Any]) -> Jpeg2kCodec:
         return cls()
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,14 +103,14 @@ class Jpeg2kCodec(ArrayBytesCodec):
         if dtype.to_native_dtype() != np.uint8:
             raise ValueError("Jpeg2kCodec needs a uint8 array")
 
-    def _encode_sync(self, chunk_array: "NDBuffer", chunk_spec: "ArraySpec") -> "Buffer | None":
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         import imagecodecs
 
         arr = np.ascontiguousarray(chunk_array.as_numpy_array())
         data = imagecodecs.jpeg2k_encode(arr.reshape(-1, *arr.shape[-2:]), level=0, codecformat="J2K")
         return chunk_spec.prototype.buffer.from_bytes(data)
 
-    def _decode_sync(self, chunk_bytes: "Buffer", chunk_spec: "ArraySpec") -> "NDBuffer":
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         import imagecodecs
 
         arr = imagecodecs.jpeg2k_decode(chunk_bytes.to_bytes()).reshape(chunk_spec.shape)

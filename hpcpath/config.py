@@ -73,7 +73,7 @@ class TileConfig(_Frozen):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "TileConfig":
+    def _check(self) -> TileConfig:
         if self.overlap >= self.tile_size:
             raise ValueError("overlap must be smaller than tile_size")
         if self.level is not None and self.mpp is not None:
@@ -98,7 +98,7 @@ class TileConfig(_Frozen):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "TileConfig":
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> TileConfig:
         data, prefix = read_yaml(path, section="tile") if path else ({}, "")
         explicit = {k: v for k, v in overrides.items() if v is not None}
         data.update(explicit)
@@ -126,7 +126,7 @@ class SplitConfig(_Frozen):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "SplitConfig":
+    def _check(self) -> SplitConfig:
         if any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
             raise ValueError("fractions must be three non-negative numbers summing to 1")
         if self.by == "patient" and not self.patient_table:
@@ -182,7 +182,7 @@ class DatasetConfig(_Frozen):
     seed: int = 0
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "DatasetConfig":
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> DatasetConfig:
         data, prefix = read_yaml(path, section="dataset") if path else ({}, "")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return load_model(cls, data, source=str(path) if path else "dataset options", prefix=prefix)
@@ -251,6 +251,11 @@ class TrainConfig(_Frozen):
     balance: float | None = Field(1.0, ge=0, description="negatives per positive, resampled each epoch; null keeps all")
     augment: bool = True
     augmentation: AugmentConfig = AugmentConfig()
+    jpeg_decode: Literal["reader", "tf"] = Field(
+        "reader", description="where passthrough stores' JPEG tiles are decoded: reader (NumPy, "
+        "one thread) or tf (tf.io.decode_jpeg in a parallel tf.data map on all cores); tf needs "
+        "passthrough JPEG stores and no context patches",
+    )
     mixed_precision: bool = Field(True, description="float16 compute on GPUs (never on CPU)")
     xla: bool = Field(False, description="compile each step with XLA (jit_compile; mostly a GPU speed-up)")
     gpu: Literal["require", "prefer", "off"] = Field(
@@ -265,15 +270,17 @@ class TrainConfig(_Frozen):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.head_epochs >= self.epochs and self.head_epochs:
             raise ValueError("head_epochs must be smaller than epochs (phase 2 needs an epoch)")
+        if self.jpeg_decode == "tf" and self.context:
+            raise ValueError("jpeg_decode: tf serves main patches only; context patches need reader")
         if self.model.architecture == "inceptionv3_multiscale" and not self.context:
             raise ValueError("model.architecture inceptionv3_multiscale needs context: true")
         return self
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+    def load(cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """From a YAML file (top level or under ``train:``), with dotted-key overrides
         (``{"optimizer.learning_rate": 0.01}``) applied on top."""
         data, prefix = read_yaml(path, section="train") if path else ({}, "")
@@ -357,7 +364,7 @@ class InferConfig(_Frozen):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "InferConfig":
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> InferConfig:
         data, prefix = read_yaml(path, section="infer") if path else ({}, "")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return load_model(cls, data, source=str(path) if path else "infer options", prefix=prefix)
@@ -391,7 +398,7 @@ class ServeConfig(_Frozen):
             return False
 
     @classmethod
-    def load(cls, **overrides: Any) -> "ServeConfig":
+    def load(cls, **overrides: Any) -> ServeConfig:
         return load_model(cls, {k: v for k, v in overrides.items() if v is not None}, source="serve options")
 
 def read_yaml(path: str | os.PathLike, section: str | None = None) -> tuple[dict[str, Any], str]:

@@ -33,7 +33,7 @@ class SlideRecord:
     finished: float = field(default_factory=time.time)
 
     @classmethod
-    def failure(cls, slide_id: str, source, error: str, seconds: float = 0.0) -> "SlideRecord":
+    def failure(cls, slide_id: str, source, error: str, seconds: float = 0.0) -> SlideRecord:
         return cls(slide_id, str(source), "failed", None, round(seconds, 3), error)
 
 
@@ -43,7 +43,7 @@ class Manifest:
     slides: dict[str, SlideRecord]
 
     @classmethod
-    def load(cls, out_dir: str | os.PathLike) -> "Manifest":
+    def load(cls, out_dir: str | os.PathLike) -> Manifest:
         path = Path(out_dir) / MANIFEST_NAME
         slides: dict[str, SlideRecord] = {}
         if path.exists():

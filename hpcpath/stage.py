@@ -10,8 +10,9 @@ others.  Tiling and dataset building are both this loop with different tasks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hpcpath.cluster.monitor import RunProgress, task_key
 from hpcpath.errors import ClusterError, HpcpathError

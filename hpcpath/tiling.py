@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,15 @@ from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.runlock import run_lock
 from hpcpath.stage import one_line, run_per_slide, task_key
-from hpcpath.store import INDEX_COLUMNS, check_output_dir, is_complete, mark_complete, ngff_multiscales, remove_store, store_path
+from hpcpath.store import (
+    INDEX_COLUMNS,
+    check_output_dir,
+    is_complete,
+    mark_complete,
+    ngff_multiscales,
+    remove_store,
+    store_path,
+)
 from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
 __all__ = ["TileGeometry", "tile_geometry", "tile_grid", "tile_slides", "RunResult"]

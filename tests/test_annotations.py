@@ -10,11 +10,22 @@ import numpy as np
 import pytest
 import tifffile
 
-from hpcpath.annotations import (DEFAULT_CXR14, AnnotationError, AnnotationSet,
-                                 AnnotationWarning, MaskAnnotation, Point, Region,
-                                 UNCLASSIFIED, match_annotations, points_by_slide,
-                                 read_annotations, read_chestxray_csv, read_label_table,
-                                 read_point_table)
+from hpcpath.annotations import (
+    DEFAULT_CXR14,
+    UNCLASSIFIED,
+    AnnotationError,
+    AnnotationSet,
+    AnnotationWarning,
+    MaskAnnotation,
+    Point,
+    Region,
+    match_annotations,
+    points_by_slide,
+    read_annotations,
+    read_chestxray_csv,
+    read_label_table,
+    read_point_table,
+)
 from hpcpath.labels import CAMELYON_CENTRE_FRACTION, centre_labels, region_fraction
 from hpcpath.synth import write_synthetic_slide
 

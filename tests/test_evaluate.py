@@ -359,8 +359,7 @@ def test_quadratic_kappa_and_proliferation_cut_points():
     from scipy.stats import spearmanr
     from sklearn.metrics import cohen_kappa_score
 
-    from hpcpath.evaluate.proliferation import (agreement, hpf10_side_px, proliferation_score,
-                                                quadratic_kappa)
+    from hpcpath.evaluate.proliferation import agreement, hpf10_side_px, proliferation_score, quadratic_kappa
 
     rng = np.random.default_rng(11)
     for _ in range(20):

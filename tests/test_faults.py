@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import missing_resource
+
 from hpcpath.store import is_complete, open_store
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, cli_dataset
+
 from hpcpath.config import InferConfig, TrainConfig
 from hpcpath.errors import ConfigError
 from hpcpath.gpu import GpuFacts, decide, setting_from_env, visible_ids

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from hpcpath.config import TileConfig
-from hpcpath.detect import (densest_count, dihedral, haematoxylin, heatmap_peaks,
-                                  merge_points, propose_nuclei, smooth_valid)
+from hpcpath.detect import (
+    densest_count,
+    dihedral,
+    haematoxylin,
+    heatmap_peaks,
+    merge_points,
+    propose_nuclei,
+    smooth_valid,
+)
 from hpcpath.grid import task_blocks, tissue_windows, window_grid
 from hpcpath.infer.reader import Prefetcher, cut_patches, point_blocks, rebatch
 

@@ -7,9 +7,20 @@ import numpy as np
 import pytest
 
 from hpcpath.errors import ConfigError
-from hpcpath.labels import (CAMELYON_CENTRE_FRACTION, balance, centre_boxes, centre_labels,
-                            context_boxes, negative_centres, negative_indices, point_patches,
-                            region_fraction, scaled_distance, split_by_group, split_groups)
+from hpcpath.labels import (
+    CAMELYON_CENTRE_FRACTION,
+    balance,
+    centre_boxes,
+    centre_labels,
+    context_boxes,
+    negative_centres,
+    negative_indices,
+    point_patches,
+    region_fraction,
+    scaled_distance,
+    split_by_group,
+    split_groups,
+)
 from hpcpath.tissue import tile_tissue_fraction
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import missing_resource
-from hpcpath.cluster.monitor import (dashboard_lines, render_page, task_key,
-                                     tunnel_command)
+
+from hpcpath.cluster.monitor import dashboard_lines, render_page, task_key, tunnel_command
 
 REPO = Path(__file__).resolve().parents[1]
 HPCPATH = [sys.executable, "-m", "hpcpath.cli.main"]
@@ -60,7 +59,7 @@ def test_dashboard_lines_add_a_tunnel_only_where_the_user_is_elsewhere():
     node = socket.gethostname().split(".")[0]
     in_job = dashboard_lines(link, env={"SLURM_JOB_ID": "7", "SLURMD_NODENAME": node,
                                         "SLURM_SUBMIT_HOST": "login1.cluster"})
-    assert in_job[1].startswith(f"dashboard from your machine: ssh -N -L 8787:127.0.0.1:41000 -J login1 ")
+    assert in_job[1].startswith("dashboard from your machine: ssh -N -L 8787:127.0.0.1:41000 -J login1 ")
     on_slurm = dashboard_lines(link, on_cluster=True, env={})
     assert "ssh -N -L 8787:127.0.0.1:41000 " in on_slurm[1]
     # a host-less JupyterHub template is printed as it is, with no tunnel

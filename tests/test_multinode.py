@@ -15,11 +15,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hpcpath.cluster import cluster_client

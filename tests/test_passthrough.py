@@ -94,8 +94,9 @@ def test_chunks_are_the_source_tiles_with_tables_merged(test_data, tmp_path):
 def test_every_tile_decodes_to_openslides_pixels(test_data, tmp_path, name, tile, fmt):
     """Plain zarr reads, the ChunkReader fast path and a third-party decoder (PIL) all give
     exactly OpenSlide's read_region at each tile."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from hpcpath.chunkread import ChunkReader
 
@@ -178,3 +179,13 @@ def test_cli_tile_dataset_train_reader_on_a_passthrough_store(synth_slide, tmp_p
     assert enc.dtype == object and enc[0][:2] == b"\xff\xd8"
     got = np.concatenate([x.numpy() for x, _ in ds.to_tf(8, shuffle=False, decode="tf")])
     assert np.array_equal(got, batch.images)
+    # hpcpath train with the JPEG decode inside tf.data (-s jpeg_decode=tf), one short epoch
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train-small-cnn.yaml").read_text())
+    recipe["train"]["val_split"] = None  # one slide: all of it is train
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([*run, "train", str(tmp_path / "train.yaml"), "--dataset", str(tmp_path / "tumor.json"),
+                           "-o", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4",
+                           "-s", "jpeg_decode=tf", "-s", "augment=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((tmp_path / "run" / "history.csv").read_text().strip().splitlines()) == 2

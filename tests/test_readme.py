@@ -183,10 +183,9 @@ def check_report(path: Path, *, heatmaps: int, tissue: int, plots: set[str]) -> 
     read back from the page), the screenshot is not blank, nothing links outside the file."""
     from io import BytesIO
 
-    from PIL import Image
-
     from browser import capture, chromium_binary
     from conftest import missing_resource
+    from PIL import Image
 
     text = path.read_text()
     assert not re.search(r"(?:href|src)\s*=\s*[\"']?(?:https?:)?//", text, re.I)

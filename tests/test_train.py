@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, missing_resource
+
 from hpcpath.config import DatasetConfig, SplitConfig, TileConfig, TrainConfig
 from hpcpath.dataset import build_dataset, build_image_dataset, open_dataset
 

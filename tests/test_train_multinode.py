@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, cli_dataset
 
 PY = sys.executable

@@ -12,9 +12,14 @@ from hpcpath.annotations.mask import MaskAnnotation
 from hpcpath.annotations.matching import match_annotations
 from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, Region
 from hpcpath.annotations.reader import read_annotations
-from hpcpath.annotations.tables import (DEFAULT_CXR14, ChestXray, points_by_slide,
-                                        read_chestxray_csv, read_label_table,
-                                        read_point_table)
+from hpcpath.annotations.tables import (
+                                        DEFAULT_CXR14,
+                                        ChestXray,
+                                        points_by_slide,
+                                        read_chestxray_csv,
+                                        read_label_table,
+                                        read_point_table,
+)
 
 __all__ = [
     "AnnotationError",

@@ -22,8 +22,17 @@ import numpy as np
 
 from hpcpath.annotations._errors import AnnotationError, skip, warn
 from hpcpath.annotations.asap import number
-from hpcpath.annotations.model import (UNCLASSIFIED, AnnotationSet, Point, Region, _clean,
-                                       _from_shapely, _polygon_parts, _shapely, _to_shapely)
+from hpcpath.annotations.model import (
+    UNCLASSIFIED,
+    AnnotationSet,
+    Point,
+    Region,
+    _clean,
+    _from_shapely,
+    _polygon_parts,
+    _shapely,
+    _to_shapely,
+)
 
 __all__ = ["read_aperio"]
 

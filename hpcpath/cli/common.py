@@ -39,8 +39,7 @@ def dask_session(cluster: object, workers: int | None, out_dir: str | Path | Non
     With ``lock`` (the command's name) ``OUT`` is checked writable and locked first, so a
     second run on the same folder is refused in one line before any cluster starts."""
     from hpcpath.cluster import cluster_client, dashboard_link, parse_cluster_spec
-    from hpcpath.cluster.monitor import (LOG_FOLDER, dashboard_lines, install_dashboard_page,
-                                         install_worker_log)
+    from hpcpath.cluster.monitor import LOG_FOLDER, dashboard_lines, install_dashboard_page, install_worker_log
     from hpcpath.cluster.spec import SlurmSpec
 
     spec = parse_cluster_spec(cluster)

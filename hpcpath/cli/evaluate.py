@@ -191,7 +191,6 @@ def heatmaps(stores, name, truth, classes, centre_fraction, slide_score, out_dir
 def slides(summary, labels, target, features, folds, seed, out_dir):
     """Slide-level SVM (proliferation 1-3, or tumour / no tumour) on the features of SUMMARY
     (an infer summary.csv), cross-validated on a label table."""
-    import pickle
 
     from hpcpath.evaluate.slides import score_slides
 

@@ -77,10 +77,9 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     """
     from hpcpath.cluster import parse_cluster_spec
     from hpcpath.config import InferConfig
+    from hpcpath.gpu import setting_from_env
     from hpcpath.infer.run import check_model
     from hpcpath.workflows import infer_inputs
-
-    from hpcpath.gpu import setting_from_env
 
     options["gpu"] = options.get("gpu") or setting_from_env()
     cfg = InferConfig.load(config_file, **options)

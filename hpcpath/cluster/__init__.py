@@ -35,8 +35,7 @@ Every mistake in a spec is a :class:`~hpcpath.errors.ConfigError` whose message 
 
 from hpcpath.cluster.client import cluster_client, dashboard_link
 from hpcpath.cluster.slurm import dask_setup, slurm_cluster_kwargs
-from hpcpath.cluster.spec import (ENV_VAR, ClusterSpec, LocalSpec, SchedulerSpec, SlurmSpec,
-                                  parse_cluster_spec)
+from hpcpath.cluster.spec import ENV_VAR, ClusterSpec, LocalSpec, SchedulerSpec, SlurmSpec, parse_cluster_spec
 from hpcpath.errors import ClusterError
 
 __all__ = [

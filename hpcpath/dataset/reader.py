@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -81,12 +81,12 @@ class PatchDataset:
         return len(self.item)
 
     # ---------------------------------------------------------------- views
-    def _take(self, idx: np.ndarray) -> "PatchDataset":
+    def _take(self, idx: np.ndarray) -> PatchDataset:
         idx = np.asarray(idx, dtype=np.int64)
         return replace(self, store_of=self.store_of[idx], item=self.item[idx],
                        labels=self.labels[idx], chunk=self.chunk[idx])
 
-    def select(self, split: str | None = None, slides: list[str] | None = None) -> "PatchDataset":
+    def select(self, split: str | None = None, slides: list[str] | None = None) -> PatchDataset:
         """Items of one split ("train", "val", "test") and/or of the given slides."""
         keep = np.ones(len(self), bool)
         if split is not None:
@@ -99,14 +99,14 @@ class PatchDataset:
             keep &= ok[self.store_of]
         return self._take(np.flatnonzero(keep))
 
-    def balance(self, negatives_per_positive: float, seed: int = 0) -> "PatchDataset":
+    def balance(self, negatives_per_positive: float, seed: int = 0) -> PatchDataset:
         """Keep every positive, and ``negatives_per_positive`` random negatives per positive."""
         from hpcpath.labels import balance
 
         lab = self.labels if self.labels.ndim == 1 else self.labels.max(axis=1)
         return self._take(balance(lab, negatives_per_positive, seed=seed))
 
-    def shard(self, rank: int, size: int) -> "PatchDataset":
+    def shard(self, rank: int, size: int) -> PatchDataset:
         """This rank's disjoint share: read units (store, chunk) dealt round-robin."""
         if not (size >= 1 and 0 <= rank < size):
             raise HpcpathError(f"bad shard rank {rank} of size {size}")

@@ -8,7 +8,8 @@ unless asked otherwise: models rescale on the device (a Rescaling layer), which 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -84,10 +85,10 @@ def augment_batch(images, cfg: AugmentConfig, seed=None, rnd=None, dtype="float3
     return x * (1.0 / top) if top != 1.0 else x
 
 
-def batches_to_tf(batches: Callable[[], Iterable["Batch"]], *, patch_size: int,
+def batches_to_tf(batches: Callable[[], Iterable[Batch]], *, patch_size: int,
                   label_shape: tuple[int, ...], context_names: Sequence[str] = (),
                   augment: AugmentConfig | None = None, dtype: str = "uint8", prefetch: int = 2,
-                  on_batch: Callable[["Batch"], None] | None = None, encoded: bool = False):
+                  on_batch: Callable[[Batch], None] | None = None, encoded: bool = False):
     """The one hand-off from NumPy batches to ``tf.data``.  ``batches()`` is called each time
     the dataset is (re)started.  Elements are ``(x, labels float32 of label_shape)``; x is the
     image batch, or ``{"main": ..., "context_<name>": ...}`` with context patches.  Augmented
@@ -143,7 +144,7 @@ def batches_to_tf(batches: Callable[[], Iterable["Batch"]], *, patch_size: int,
     return out.prefetch(prefetch)
 
 
-def to_tf_dataset(ds: "PatchDataset", batch_size: int, *, shuffle: bool = True, seed: int = 0,
+def to_tf_dataset(ds: PatchDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                   augment: AugmentConfig | bool | None = None, context: bool = False,
                   repeat: bool = False, prefetch: int = 2, dtype: str = "uint8", decode: str = "reader"):
     """``PatchDataset.to_tf``: each pass over the dataset a new (seeded) epoch."""

@@ -210,8 +210,7 @@ def score_proliferation(ds: DetectionSet, threshold: float | None = None,
     """Per slide, mitoses in the densest 10 HPF and the 1-3 score
     (:mod:`hpcpath.evaluate.proliferation`) from the detections ``>= threshold``; with a
     label table (slide id -> score), quadratic-weighted kappa and Spearman."""
-    from hpcpath.evaluate.proliferation import (PROLIFERATION_CUTS, agreement, mitoses_per_10hpf,
-                                                proliferation_score)
+    from hpcpath.evaluate.proliferation import PROLIFERATION_CUTS, agreement, mitoses_per_10hpf, proliferation_score
 
     cuts = tuple(cuts or PROLIFERATION_CUTS)
     rows, counts = [], {}
@@ -308,9 +307,9 @@ def load_heatmap_set(stores, truth_paths, name: str, *, classes: Sequence[str] =
     """Windows of ``predictions/<name>`` in each store, labelled by the centre rule from the
     truth files matched to the slide (no truth file: a tumour-free slide)."""
     from hpcpath.annotations import match_annotations
-    from hpcpath.files import find_stores
-    from hpcpath.evaluate.froc import itc_labels, lesion_labels
     from hpcpath.detect import heatmap_peaks, merge_points
+    from hpcpath.evaluate.froc import itc_labels, lesion_labels
+    from hpcpath.files import find_stores
     from hpcpath.store import open_predictions, open_store
 
     paths = find_stores(list(stores))

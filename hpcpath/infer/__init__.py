@@ -10,8 +10,8 @@ overlays and run tables.
 """
 
 from hpcpath.grid import WindowGrid, task_blocks, tissue_windows, window_grid
-from hpcpath.store.predictions import Predictions, open_predictions, predictions_complete
 from hpcpath.infer.run import InferResult, infer_slides, prediction_name
+from hpcpath.store.predictions import Predictions, open_predictions, predictions_complete
 
 __all__ = [
     "infer_slides",

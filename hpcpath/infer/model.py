@@ -25,7 +25,7 @@ __all__ = ["LoadedModel", "cached_model", "configure_tensorflow", "device_record
            "check_worker_gpu", "check_workers_gpu", "with_dtype_policy"]
 
 _LOCK = threading.Lock()
-_CACHE: dict[tuple, "LoadedModel"] = {}
+_CACHE: dict[tuple, LoadedModel] = {}
 _TF_READY: list[str] | None = None
 _DEVICE: str | None = None  # what does this worker's work: "GPU <name>" or "CPU" (hpcpath.gpu)
 

@@ -57,7 +57,7 @@ class Prefetcher:
             return
         self._put((None, _END))
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         self._thread.start()
         return self
 

@@ -19,20 +19,19 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-from collections.abc import Sequence
+from typing import Any
 
 from hpcpath.config import NAME_PATTERN, InferConfig
 from hpcpath.errors import HpcpathError, OutputError
-from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS
 from hpcpath.files import read_table, write_table
-from hpcpath.store.predictions import open_predictions, predictions_complete
-from hpcpath.infer.tasks import (detect_candidates, finish_predictions, output_paths,
-                                 plan_predictions, predict_windows)
+from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS
+from hpcpath.infer.tasks import detect_candidates, finish_predictions, output_paths, plan_predictions, predict_windows
 from hpcpath.stage import run_per_slide, task_key
 from hpcpath.store import check_output_dir, slide_source
+from hpcpath.store.predictions import open_predictions, predictions_complete
 
 __all__ = ["InferResult", "infer_slides", "check_model", "prediction_name", "SUMMARY_NAME", "TASKS_NAME"]
 

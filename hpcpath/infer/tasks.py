@@ -222,7 +222,7 @@ def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k:
     """Worker task (two-stage): nucleus proposals in the cells of grid rows [r0, r1), each
     classified on a patch centred on it.  Writes its candidates (x, y, score) and record."""
     from hpcpath.detect import propose_nuclei
-    from hpcpath.infer.reader import Prefetcher, read_around, cut_patches, point_blocks, rebatch
+    from hpcpath.infer.reader import Prefetcher, cut_patches, point_blocks, read_around, rebatch
     from hpcpath.io import open_slide
 
     t0 = time.perf_counter()

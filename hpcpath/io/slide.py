@@ -377,7 +377,7 @@ class Slide:
             self._direct.close()
         self._osr.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:

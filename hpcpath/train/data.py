@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import numpy as np
 
@@ -115,22 +115,26 @@ def epoch_items(labels: np.ndarray, balance_ratio: float | None, seed: int, epoc
 
 
 def rank_batches(shard: PatchDataset, batch_size: int, steps: int, *, seed: int, epoch: int,
-                 skip: int = 0, context: bool = False) -> Iterator[Batch]:
+                 skip: int = 0, context: bool = False, encoded: bool = False) -> Iterator[Batch]:
     """Exactly ``steps`` full batches of this rank's shard, seeded by ``(seed, epoch)``; the
     first ``skip`` are drawn and dropped (resume inside an epoch).  The size check runs here,
     at the call, not inside TensorFlow's generator (where it would become a traceback)."""
     if len(shard) < batch_size:
         raise HpcpathError(f"a rank's shard holds {len(shard)} items, fewer than one batch of "
                            f"{batch_size}: lower batch_size or use fewer ranks")
-    return _rank_batches(shard, batch_size, steps, seed=seed, epoch=epoch, skip=skip, context=context)
+    if encoded and shard.encoded_format() != "jpeg":
+        raise HpcpathError("jpeg_decode: tf needs every store to be a passthrough JPEG store "
+                           "(tiled with --passthrough auto from JPEG slides); use jpeg_decode: reader")
+    return _rank_batches(shard, batch_size, steps, seed=seed, epoch=epoch, skip=skip, context=context,
+                         encoded=encoded)
 
 
 def _rank_batches(shard: PatchDataset, batch_size: int, steps: int, *, seed: int, epoch: int,
-                  skip: int, context: bool) -> Iterator[Batch]:
+                  skip: int, context: bool, encoded: bool = False) -> Iterator[Batch]:
     n, rnd = 0, 0
     while n < steps:
         for b in shard.batches(batch_size, shuffle=True, seed=seed, epoch=epoch * 1000 + rnd,
-                               context=context, drop_remainder=True):
+                               context=context, drop_remainder=True, encoded=encoded):
             if n >= skip:
                 yield b
             n += 1
@@ -146,16 +150,21 @@ def read_order(ds: PatchDataset) -> np.ndarray:
 
 def digest(batch: Batch) -> str:
     h = hashlib.sha1(batch.labels.tobytes())
-    h.update(batch.images[:, ::7, ::7].tobytes())
+    if batch.images.dtype == object:  # encoded tiles (jpeg_decode: tf)
+        for t in batch.images:
+            h.update(t)
+    else:
+        h.update(batch.images[:, ::7, ::7].tobytes())
     return h.hexdigest()[:16]
 
 
 def tf_batches(batches: Iterator[Batch], data: TrainData, *, augment=None, prefetch: int = 2,
-               digests: deque | None = None):
+               digests: deque | None = None, encoded: bool = False):
     """One pass of ``batches`` as a ``tf.data.Dataset`` of ``(x uint8, y float32 (B, n_outputs))``;
     x is a dict by input name for multi-scale models (see ``batches_to_tf``)."""
     from hpcpath.dataset.tfdata import batches_to_tf
 
     return batches_to_tf(lambda: batches, patch_size=data.patch_size, label_shape=(data.n_outputs,),
                          context_names=data.context_names, augment=augment, prefetch=prefetch,
-                         on_batch=(lambda b: digests.append(digest(b))) if digests is not None else None)
+                         on_batch=(lambda b: digests.append(digest(b))) if digests is not None else None,
+                         encoded=encoded)

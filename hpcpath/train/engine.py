@@ -80,7 +80,7 @@ class Engine:
     def is_chief(self) -> bool:
         return self.rank == 0
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self.gpu = pin_gpu_env(self.local_rank)
         self.device = check_device(self.gpu_setting, self.local_rank)
         _gpu_memory_growth()

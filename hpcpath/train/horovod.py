@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcpath.errors import ConfigError
-from hpcpath.train.engine import (Engine, _gpu_memory_growth, check_device, local_rank_from_env, pin_gpu_env,
-                                  share_cpus)
+from hpcpath.train.engine import Engine, _gpu_memory_growth, check_device, local_rank_from_env, pin_gpu_env, share_cpus
 
 __all__ = ["HorovodEngine"]
 
@@ -24,7 +23,7 @@ __all__ = ["HorovodEngine"]
 class HorovodEngine(Engine):
     name = "horovod"
 
-    def start(self) -> "HorovodEngine":
+    def start(self) -> HorovodEngine:
         from hpcpath.train.launch import slurm_task_env
 
         slurm_task_env()  # srun-launched Gloo ranks: HOROVOD_* from SLURM_* (no-op otherwise)

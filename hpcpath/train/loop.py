@@ -197,11 +197,10 @@ def _train(cfg, *, resume: bool, engine: Engine | None) -> TrainResult:
     preflight(cfg)
     data = open_train_data(cfg)
     engine = engine or make_engine(cfg.engine, cfg.gpu)
-    from hpcpath.train.mining import hard_negative_indices, load_hard_negatives
-
     import keras
     import tensorflow as tf
 
+    from hpcpath.train.mining import hard_negative_indices, load_hard_negatives
     from hpcpath.train.models import build_model, set_phase
 
     out = Path(cfg.out)
@@ -273,9 +272,9 @@ def _train(cfg, *, resume: bool, engine: Engine | None) -> TrainResult:
                     np.stack([shard.store_of.astype(np.int64), shard.item], 1))
         digests: deque = deque()
         batches = rank_batches(shard, cfg.batch_size, steps, seed=cfg.seed, epoch=epoch, skip=skip,
-                               context=cfg.context)
+                               context=cfg.context, encoded=cfg.jpeg_decode == "tf")
         stream = tf_batches(batches, data, augment=cfg.augmentation if cfg.augment else None,
-                            digests=digests if cfg.audit else None)
+                            digests=digests if cfg.audit else None, encoded=cfg.jpeg_decode == "tf")
         t0, losses, wait_s = time.perf_counter(), [], 0.0
         it = iter(stream)
         lr = schedule.lr(phase, global_step)
@@ -366,9 +365,8 @@ def _validate(data: TrainData, cfg, engine: Engine, eval_step) -> dict:
 
 def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict, ranks: list[dict]) -> Path:
     from hpcpath.modelio import ModelMeta, save_model
-    from hpcpath.train.models import input_names
-
     from hpcpath.store import read_meta
+    from hpcpath.train.models import input_names
 
     downsample, mpp, ctx = None, None, ()
     try:

@@ -3,7 +3,7 @@ recall and F1 at 0.5, and the F1-maximising threshold.  Pure NumPy."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

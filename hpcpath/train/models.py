@@ -12,8 +12,9 @@ Pretrained weights only ever come from a local file named in the config: no down
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -102,8 +103,8 @@ def _load_weights(target, path: str, what: str, arch: str) -> None:
         raise ConfigError(f"model.weights: {p} does not match the {arch} {what} ({first})") from None
 
 
-def build_model(cfg: "ModelConfig", patch_size: int, n_outputs: int,
-                context_names: Sequence[str] = (), *, mixed_precision: bool = False) -> "keras.Model":
+def build_model(cfg: ModelConfig, patch_size: int, n_outputs: int,
+                context_names: Sequence[str] = (), *, mixed_precision: bool = False) -> keras.Model:
     """The model for ``cfg.architecture``: inputs named as :func:`input_names`, uint8
     ``(B, T, T, 3)`` each; output ``(B, n_outputs)`` sigmoid probabilities (float32 even
     under mixed precision)."""

@@ -15,8 +15,7 @@ import os
 import numpy as np
 
 from hpcpath.errors import ConfigError
-from hpcpath.train.engine import (Engine, _gpu_memory_growth, check_device, local_rank_from_env, pin_gpu_env,
-                                  share_cpus)
+from hpcpath.train.engine import Engine, _gpu_memory_growth, check_device, local_rank_from_env, pin_gpu_env, share_cpus
 
 __all__ = ["TFDistributeEngine", "slurm_resolver", "worker_addresses"]
 
@@ -65,7 +64,7 @@ def slurm_resolver():
 class TFDistributeEngine(Engine):
     name = "tf-distribute"
 
-    def start(self) -> "TFDistributeEngine":
+    def start(self) -> TFDistributeEngine:
         self.gpu = pin_gpu_env(local_rank_from_env())
         self.device = check_device(self.gpu_setting, local_rank_from_env())
         import tensorflow as tf
