@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcpath._malloc import keep_large_buffers
-from hpcpath.chunkread import ChunkReader
+from hpcpath.chunkread import ChunkReader, rows_per_read
 from hpcpath.errors import HpcpathError
 
 __all__ = ["PatchDataset", "open_dataset", "Batch"]
@@ -244,10 +244,10 @@ def open_dataset(path: str | os.PathLike) -> PatchDataset:
         n = len(lab)
         if dataset_meta(g).source == "tiles":
             rows = g["item_index"][:]
-            chunk_len = root["tiles/images"].chunks[0]
+            chunk_len = rows_per_read(root["tiles/images"])
         else:
             rows = np.arange(n)
-            chunk_len = g["images"].chunks[0]
+            chunk_len = rows_per_read(g["images"])
         store_of.append(np.full(n, s, np.int32))
         items.append(np.arange(n, dtype=np.int64))
         labels.append(lab)
