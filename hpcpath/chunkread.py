@@ -88,7 +88,7 @@ def _sharded_tiles(arr, fmt: str) -> Decoder:
             if off < 0:
                 out[i].fill(fill)
             else:
-                decode(data[off : off + size], out=out[i])
+                decode(data[off : off + size], out=out[i])  # type: ignore[arg-type]  # any buffer
 
     return tiles
 
@@ -117,8 +117,8 @@ def _decoder(arr) -> Decoder | None:
     if len(codecs) == 1 and isinstance(codecs[0], JpegCodec) and arr.ndim >= 3:
         import imagecodecs
 
-        def jpeg(data: bytes, out: np.ndarray) -> None:
-            imagecodecs.jpeg8_decode(data, out=out.reshape(-1, *out.shape[-2:]))
+        def jpeg(data: memoryview, out: np.ndarray) -> None:
+            imagecodecs.jpeg8_decode(data, out=out.reshape(-1, *out.shape[-2:]))  # type: ignore[arg-type]
 
         return jpeg
     return None

@@ -17,7 +17,7 @@ through the ``zarr.codecs`` entry points in pyproject.toml -- and on import of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from zarr.abc.codec import ArrayBytesCodec
@@ -144,7 +144,7 @@ def array_codecs(codec: str, *, jpeg_quality: int = 90, clevel: int = 5) -> dict
     if codec == "jpeg":
         return {"serializer": JpegCodec(quality=jpeg_quality), "compressors": None}
     if codec in ("blosc-lz4", "blosc-zstd"):
-        cname = codec.split("-", 1)[1]
+        cname: Literal["lz4", "zstd"] = "lz4" if codec == "blosc-lz4" else "zstd"
         return {"compressors": BloscCodec(cname=cname, clevel=clevel, shuffle="noshuffle")}
     if codec == "none":
         return {"compressors": None}

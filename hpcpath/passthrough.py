@@ -168,8 +168,8 @@ def blank_chunk(fmt: str, t: int, background: np.ndarray) -> bytes:
     tile = np.empty((t, t, 3), np.uint8)
     tile[:] = background
     if fmt == "jpeg":  # a flat tile is exact at quality 100 without subsampling
-        return imagecodecs.jpeg8_encode(tile, level=100, subsampling="444")
-    return imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K")
+        return bytes(imagecodecs.jpeg8_encode(tile, level=100, subsampling="444"))
+    return bytes(imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K"))
 
 
 def shard_bytes(chunks: list[bytes], per_shard: int) -> bytes:
