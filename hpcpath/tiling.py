@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from hpcpath._malloc import keep_large_buffers
-from hpcpath._version import __version__
 from hpcpath.config import TileConfig
 from hpcpath.errors import HpcpathError, OutputError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
@@ -37,11 +36,14 @@ from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.runlock import run_lock
 from hpcpath.stage import one_line, run_per_slide, task_key
 from hpcpath.store import (
-    INDEX_COLUMNS,
+    StoreMeta,
+    TilingMeta,
+    TissueMeta,
     check_output_dir,
+    create_slide_store,
     is_complete,
     mark_complete,
-    ngff_multiscales,
+    open_store,
     remove_store,
     store_path,
 )
@@ -192,9 +194,7 @@ def plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
 
 
 def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
-    import zarr
-
-    from hpcpath.codecs import array_codecs
+    from hpcpath.codecs import array_codecs, passthrough_codecs
 
     t0 = time.perf_counter()
     keep_large_buffers()
@@ -233,66 +233,41 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     index, frac = index[keep], frac[keep]
     n = len(index)
 
-    root = zarr.open_group(str(spath), mode="w", zarr_format=3)
-    meta = {
-        "version": __version__,
-        "complete": False,
-        "params_key": cfg.params_key(),
-        "slide": info.to_dict(),
-        "tiling": {
-            **cfg.model_dump(exclude={"reader", "tiles_per_task"}),
-            "level": geom.level,
-            "downsample": geom.downsample,
-            "read_size": geom.read_size,
-            "stride": geom.stride,
-            "tile_mpp": geom.mpp,
-            "n_tiles": n,
-            "n_grid_tiles": int(keep.size),
-        },
-        "tissue": {
-            "method": cfg.tissue_method,
-            "threshold": threshold,
-            "downsample": [mds, mds],
-            "fraction_rule": "mask pixels whose centre lies in the tile's level-0 box",
-        },
-    }
-    root.attrs["hpcpath"] = meta
-    tissue = root.create_group("tissue")
-    tissue.create_array(
-        "mask", data=mask.astype(np.uint8), chunks=(min(mh, 4096), min(mw, 4096)),
-        attributes={"downsample": [mds, mds], "values": {"0": "background", "1": "tissue"}},
+    # Passthrough (hpcpath.passthrough): the slide's own compressed tiles become the chunks.
+    from hpcpath.passthrough import describe, qualify
+
+    probe = None if n == 0 else (int(round(index[0, 0] / geom.level_downsample)),
+                                 int(round(index[0, 1] / geom.level_downsample)))
+    fmt, why = qualify(slide, geom, cfg, probe) if n else (None, "no tiles to store")
+    tile_path = describe(fmt, why, cfg.codec)
+
+    meta = StoreMeta(
+        slide=info,
+        params_key=cfg.params_key(),
+        tiling=TilingMeta(
+            level=geom.level, downsample=geom.downsample, read_size=geom.read_size,
+            stride=geom.stride, tile_mpp=geom.mpp, n_tiles=n, n_grid_tiles=int(keep.size),
+            options={**cfg.model_dump(exclude={"reader", "tiles_per_task"}),
+                     "tile_path": tile_path},  # passthrough or decode, and why not passthrough
+        ),
+        tissue=TissueMeta(cfg.tissue_method, threshold, (mds, mds)),
     )
-    tiles = root.create_group("tiles")
-    tiles.create_array(
-        "index", data=index.reshape(-1, 5), chunks=(max(1, min(n, 65536)), 5),
-        attributes={"columns": list(INDEX_COLUMNS), "coordinates": "level-0 pixels"},
-    )
-    tiles.create_array("tissue_fraction", data=frac, chunks=(max(1, min(n, 65536)),))
     t = cfg.tile_size
-    tiles.create_array(
-        "images", shape=(n, t, t, 3), dtype="uint8", chunks=(max(1, min(cfg.chunk_tiles, n)), t, t, 3),
-        fill_value=0, config={"write_empty_chunks": True},
-        attributes={"axes": ["tile", "y", "x", "c"], "codec": cfg.codec},
-        **array_codecs(cfg.codec, jpeg_quality=cfg.jpeg_quality),
-    )
-    shapes: list[tuple[int, int]] = []
-    if cfg.pyramid:
-        shapes = pyramid_shapes(info, cfg.pyramid_downsample)
-        image = root.create_group("image")
-        scales = [cfg.pyramid_downsample * 2**i for i in range(len(shapes))]
-        image.attrs["ome"] = ngff_multiscales(info.slide_id, scales, info.mpp)
-        for i, (h, w) in enumerate(shapes):
-            image.create_array(
-                str(i), shape=(3, h, w), dtype="uint8",
-                chunks=(3, min(h, _PYRAMID_CHUNK), min(w, _PYRAMID_CHUNK)),
-                fill_value=255, dimension_names=["c", "y", "x"],
-                **array_codecs("blosc-lz4"),
-            )
+    if fmt:  # one tile per chunk, chunk_tiles per shard file: tasks still own whole files
+        layout = passthrough_codecs(fmt, max(1, min(cfg.chunk_tiles, n)), t)
+    else:
+        layout = {"chunks": (max(1, min(cfg.chunk_tiles, n)), t, t, 3),
+                  **array_codecs(cfg.codec, jpeg_quality=cfg.jpeg_quality)}
+    shapes = pyramid_shapes(info, cfg.pyramid_downsample) if cfg.pyramid else []
+    create_slide_store(spath, meta, mask=mask, index=index, tissue_fraction=frac, tile_layout=layout,
+                       tile_codec=f"passthrough-{fmt}" if fmt else cfg.codec, pyramid=shapes,
+                       pyramid_downsample=cfg.pyramid_downsample)
     return {
         "slide_id": info.slide_id,
         "store": str(spath),
         "n_tiles": n,
         "empty_reason": empty_reason,
+        "tile_path": tile_path,
         "pyramid": shapes,
         "seconds": time.perf_counter() - t0,
     }
@@ -333,16 +308,17 @@ def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import zarr
-
     keep_large_buffers()
-    root = zarr.open_group(store, mode="r+")
-    images = root["tiles/images"]
-    meta = root.attrs["hpcpath"]
-    level, read = meta["tiling"]["level"], meta["tiling"]["read_size"]
-    lds = meta["slide"]["level_downsamples"][level]
-    index = root["tiles/index"][start:stop]
+    st = open_store(store, require_complete=False, mode="r+")
+    images = st.tiles
+    meta = st.metadata
+    level, read = meta.tiling.level, meta.tiling.read_size
+    lds = meta.slide.level_downsamples[level]
+    index = st.root["tiles/index"][start:stop]
     slide = open_slide(slide_path, cfg.reader, cached=True)
+    tile_path = meta.tiling.options.get("tile_path") or {}
+    if tile_path.get("kind") == "passthrough":
+        return _write_passthrough(slide, store, images, index, level, lds, tile_path["format"], start)
     chunk = images.chunks[0]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcpath-write") as pool:
         pending = None
@@ -358,6 +334,35 @@ def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: 
         if pending is not None:
             pending.result()
     return stop - start
+
+
+def _write_passthrough(slide, store: str, images, index: np.ndarray, level: int, lds: float,
+                       fmt: str, start: int) -> int:
+    """Tiles [start, start + len(index)) as the slide's stored tile bytes, never decoded:
+    one shard file per ``images.shards[0]`` tiles, written whole."""
+    from hpcpath.passthrough import blank_chunk, chunk_bytes, native_tile, shard_bytes, write_shard
+
+    per = images.shards[0]
+    if start % per:
+        raise HpcpathError(f"task start {start} is not on a shard boundary ({per} tiles)", store)
+    page = slide.native_page(level)
+    if page is None:
+        raise SlideError(f"level {level} is no longer readable tile by tile", slide.path)
+    base = os.path.join(store, images.path)
+    t = images.shape[1]
+    blank = None
+    for c0 in range(0, len(index), per):
+        chunks = []
+        for x, y in index[c0 : c0 + per, :2]:
+            raw = native_tile(slide, level, int(round(x / lds)), int(round(y / lds)))
+            if raw is None:  # sparse in the file: OpenSlide shows the background colour
+                blank = blank or blank_chunk(fmt, t, slide.background)
+                chunks.append(blank)
+            else:
+                chunks.append(chunk_bytes(fmt, page, raw))
+        key = images.metadata.encode_chunk_key(((start + c0) // per, 0, 0, 0))
+        write_shard(os.path.join(base, key), shard_bytes(chunks, per))
+    return len(index)
 
 
 def write_pyramid_base(slide_path: str, store: str, cfg: TileConfig, row0: int, row1: int) -> int:
