@@ -26,11 +26,13 @@ from typing import Literal
 from hpcpath.errors import ConfigError
 
 __all__ = ["GPU_SETTINGS", "GpuFacts", "GpuDecision", "decide", "gpu_facts", "check_gpus",
-           "setting_from_env", "hide_gpus_if_off", "visible_ids"]
+           "setting_from_env", "hide_gpus_if_off", "visible_ids", "set_task_gpu", "task_gpu",
+           "tf_device"]
 
 GpuSetting = Literal["require", "prefer", "off"]
 GPU_SETTINGS: tuple[str, ...] = ("require", "prefer", "off")
 ENV = "HPCPATH_GPU"
+_TASK_GPU: str | None = None  # the GPU address a scheduler (Spark) gave the running task
 FIX_BUILD = "pip install 'hpcpath[gpu]' (TensorFlow with CUDA) in place of the CPU-only 'hpcpath[train]'"
 
 
@@ -180,4 +182,34 @@ def hide_gpus_if_off(setting: str, env: dict | None = None) -> None:
     """``off``: TensorFlow is shown no GPU (``CUDA_VISIBLE_DEVICES=-1`` before it starts)."""
     if setting == "off":
         (os.environ if env is None else env)["CUDA_VISIBLE_DEVICES"] = "-1"
+
+
+def set_task_gpu(address: str | None) -> None:
+    """The GPU the running task was given by its scheduler (Spark's ``TaskContext``
+    resources), or None.  A Python worker runs many tasks, each maybe on another GPU, so
+    the task's device is chosen per task (:func:`tf_device`), not per process."""
+    global _TASK_GPU
+    _TASK_GPU = address
+
+
+def task_gpu() -> str | None:
+    """The address set by :func:`set_task_gpu` for the running task, if any."""
+    return _TASK_GPU
+
+
+def tf_device(address: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """TensorFlow's name for the GPU at ``address`` (default: the task's), or None.
+
+    TensorFlow numbers the GPUs it sees from 0 in ``CUDA_VISIBLE_DEVICES`` order, so an
+    address listed there maps to its position, any other to itself.
+
+    >>> tf_device("3", {"CUDA_VISIBLE_DEVICES": "2,3"}), tf_device("1", {}), tf_device(None, {})
+    ('/GPU:1', '/GPU:1', None)
+    """
+    address = _TASK_GPU if address is None else address
+    if not address:
+        return None
+    address = address.split(",")[0]  # a task given several GPUs runs on its first
+    ids = visible_ids((os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES"))
+    return f"/GPU:{ids.index(address) if address in ids else address}"
 

@@ -1,4 +1,4 @@
-"""Slides -> Zarr stores, as Dask tasks that each read one region and write their own chunks.
+"""Slides -> Zarr stores, as tasks (Dask, Spark) that each read one region and write their own chunks.
 
 Per slide the graph is::
 
@@ -34,7 +34,7 @@ from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
 from hpcpath.io.discover import duplicate_ids
 from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.runlock import run_lock
-from hpcpath.stage import one_line, run_per_slide, task_key
+from hpcpath.stage import Unit, one_line, run_per_slide
 from hpcpath.store import (
     StoreMeta,
     TilingMeta,
@@ -435,26 +435,26 @@ class RunResult:
         return sum(r.tiles or 0 for r in self.records)
 
 
-def _submit_slide_tasks(client, cfg: TileConfig, path: Path, plan: dict, key: str) -> list[tuple[Any, str]]:
-    """Tile-writing and pyramid tasks for one planned slide, as (future, kind) pairs."""
-    sid, store = plan["slide_id"], plan["store"]
-    futures = [
-        (client.submit(write_tiles, str(path), store, cfg, a, b, key=task_key("tile", sid, a, key),
-                       pure=False, retries=2), "tiles")
-        for a, b in task_ranges(plan["n_tiles"], cfg.tiles_per_task)
-    ]
+def slide_units(cfg: TileConfig, path: Path, plan: dict, key: str) -> list[Unit]:
+    """Tile-writing and pyramid units for one planned slide (plain data: a backend runs them).
+
+    Every unit writes whole chunks no other unit touches; the upper pyramid levels wait for
+    every band of the base.  Only the top unit of the pyramid counts as ``pyramid``."""
+    store = plan["store"]
+    units = [Unit(write_tiles, (str(path), store, cfg, a, b), "tiles", ("tile", a, key), retries=2)
+             for a, b in task_ranges(plan["n_tiles"], cfg.tiles_per_task)]
     if plan["pyramid"]:
         h0 = plan["pyramid"][0][0]
-        prev = [
-            client.submit(write_pyramid_base, str(path), store, cfg, r, min(h0, r + _PYRAMID_CHUNK),
-                          key=task_key("pyramid-base", sid, r, key), pure=False, retries=2)
-            for r in range(0, h0, _PYRAMID_CHUNK)
-        ]
-        if len(plan["pyramid"]) > 1:  # upper levels wait for every band of the base
-            prev = [client.submit(write_pyramid_levels, store, *prev,
-                                  key=task_key("pyramid", sid, key), pure=False, retries=2)]
-        futures += [(f, "pyramid") for f in prev]
-    return futures
+        upper = len(plan["pyramid"]) > 1
+        base = [Unit(write_pyramid_base, (str(path), store, cfg, r, min(h0, r + _PYRAMID_CHUNK)),
+                     "pyramid-base" if upper else "pyramid", ("pyramid-base", r, key), retries=2)
+                for r in range(0, h0, _PYRAMID_CHUNK)]
+        first = len(units)
+        units += base
+        if upper:
+            units.append(Unit(write_pyramid_levels, (store,), "pyramid", ("pyramid", key),
+                              after=tuple(range(first, len(units))), retries=2))
+    return units
 
 
 def tile_slides(
@@ -470,11 +470,13 @@ def tile_slides(
     Complete stores made with the same options are skipped; partial ones are redone.  One
     bad slide is recorded as failed in the manifest and never stops the others.
     ``on_event(kind, info)`` receives progress events (the CLI draws its progress line).
+    ``client``: where it runs (a backend, Dask client or SparkSession; default: the current
+    Dask client; :func:`hpcpath.backends.as_backend`).
     """
-    from distributed import default_client
+    from hpcpath.backends import as_backend
 
     cfg = cfg or TileConfig()
-    client = client or default_client()
+    backend = as_backend(client)
     out = Path(out_dir)
     check_output_dir(out)
     with run_lock(out, "hpcpath tile"):  # a second run on OUT is refused, never interleaved
@@ -520,7 +522,7 @@ def tile_slides(
 
         def expand(sid: str, plan: dict) -> list:
             emit("plan", {"slide_id": sid, "n_tiles": plan["n_tiles"]})
-            return _submit_slide_tasks(client, cfg, sources[sid], plan, key)
+            return slide_units(cfg, sources[sid], plan, key)
 
         def finish(sid: str, o) -> None:
             p = sources[sid]
@@ -540,7 +542,7 @@ def tile_slides(
             if kind == "tiles":
                 emit("tiles", {"slide_id": sid, "n": n})
 
-        run_per_slide(client, plans, expand, finish, stage="tile", key=key, label=str(out), on_task=on_task)
+        run_per_slide(backend, plans, expand, finish, stage="tile", key=key, label=str(out), on_task=on_task)
         if unsaved:
             raise unsaved[0]
         return RunResult(out, records, manifest.path)

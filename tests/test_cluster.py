@@ -114,9 +114,9 @@ def test_typo_key_names_file_and_key(tmp_path: Path) -> None:
         ("backend: local\nn_workers: 0\n", "n_workers: Input should be greater than or equal to 1"),
         (
             "backend: sge\n",
-            "backend: unknown backend 'sge'; expected one of local, slurm, scheduler",
+            "backend: unknown backend 'sge'; expected one of local, slurm, scheduler, spark",
         ),
-        ("cores: 2\n", "backend: missing; expected one of local, slurm, scheduler"),
+        ("cores: 2\n", "backend: missing; expected one of local, slurm, scheduler, spark"),
         ("backend: scheduler\n", "address: required"),
         ("- local\n", "expected a mapping of option: value, got list"),
         (
@@ -284,6 +284,8 @@ def square(x: int) -> int:
 
 
 def test_local_round_trip_and_scheduler_backend() -> None:
+    import distributed  # noqa: F401 - its first import sets its logger's level; stages no longer import it
+
     level = logging.getLogger("distributed").level
     with cluster_client({"backend": "local", "n_workers": 1}, n_workers_override=2) as client:
         assert client.submit(square, 7).result() == 49

@@ -12,16 +12,31 @@ import click
 if TYPE_CHECKING:
     from distributed import Client
 
+    from hpcpath.backends import Backend
 
-def cluster_options(f):
+
+def cluster_options(f=None, *, spark: bool = False):
+    """``--cluster`` and ``--workers``; with ``spark`` the command also runs on Spark."""
+    if f is None:
+        return lambda g: cluster_options(g, spark=spark)
     f = click.option(
         "--workers", type=int, default=None,
-        help="Number of local workers (default: one per core).",
+        help="Number of local workers (default: one per core)"
+             + ("; with --cluster spark the N of local[N]." if spark else "."),
     )(f)
-    f = click.option(
-        "--cluster", default=None, metavar="local|slurm|FILE.yaml|tcp://ADDR",
-        help="Where Dask runs (default: $HPCPATH_CLUSTER or a LocalCluster).",
-    )(f)
+    if spark:
+        f = click.option(
+            "--cluster", default=None,
+            metavar="local|slurm|FILE.yaml|tcp://ADDR|spark|local[N]|spark://HOST:PORT",
+            help="Where it runs: Dask (local, slurm, a scheduler address) or Spark (spark = "
+                 "local[N], a standalone master, or a YAML spec with backend: spark) "
+                 "(default: $HPCPATH_CLUSTER or a Dask LocalCluster).",
+        )(f)
+    else:
+        f = click.option(
+            "--cluster", default=None, metavar="local|slurm|FILE.yaml|tcp://ADDR",
+            help="Where Dask runs (default: $HPCPATH_CLUSTER or a LocalCluster).",
+        )(f)
     return f
 
 
@@ -57,3 +72,42 @@ def dask_session(cluster: object, workers: int | None, out_dir: str | Path | Non
         for line in dashboard_lines(dashboard_link(client), on_cluster=isinstance(spec, SlurmSpec)):
             echo_err(f"hpcpath: {line}")
         yield client
+
+
+@contextmanager
+def backend_session(cluster: Any, workers: int | None, out_dir: str | Path | None = None,
+                    *, lock: str | None = None, lock_name: str | None = None) -> Iterator[Backend]:
+    """The backend a stage command runs on: :func:`dask_session` wrapped as a Dask backend,
+    or a Spark session (``--cluster spark``, ``local[N]``, ``spark://...``, a YAML spec with
+    ``backend: spark``) with the Spark UI link printed.  Locking as in :func:`dask_session`."""
+    from hpcpath.cluster import parse_cluster_spec
+
+    spec = parse_cluster_spec(cluster)
+    if spec.backend != "spark":
+        from hpcpath.backends.dask import DaskBackend
+
+        with dask_session(spec, workers, out_dir, lock=lock, lock_name=lock_name) as client:
+            yield DaskBackend(client)
+        return
+    from hpcpath.backends.spark import spark_backend
+
+    if workers is not None and workers < 1:
+        from hpcpath.errors import ConfigError
+
+        raise ConfigError(f"the number of workers must be at least 1, got {workers}")
+    with ExitStack() as stack:
+        if lock and out_dir is not None:
+            from hpcpath.runlock import LOCK_NAME, run_lock
+            from hpcpath.store import check_output_dir
+
+            stack.enter_context(run_lock(check_output_dir(out_dir), f"hpcpath {lock}",
+                                         lock_name or LOCK_NAME))
+        log = None
+        if out_dir is not None:
+            from hpcpath.cluster.monitor import LOG_FOLDER
+
+            log = Path(out_dir) / LOG_FOLDER / "spark-driver.log"
+        backend = stack.enter_context(spark_backend(spec, workers, log_file=log))
+        ui = backend.sc.uiWebUrl
+        echo_err(f"hpcpath: Spark {backend.sc.master}" + (f", UI {ui}" if ui else ""))
+        yield backend

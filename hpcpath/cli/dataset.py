@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hpcpath.cli.common import cluster_options, dask_session
+from hpcpath.cli.common import backend_session, cluster_options, dask_session
 
 
 @click.group()
@@ -36,7 +36,7 @@ def dataset():
 @click.option("--negatives-per-slide", type=int, help="Points rule: negative patches per slide [200].")
 @click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides.")
 @click.option("--seed", type=int)
-@cluster_options
+@cluster_options(spark=True)
 def build(stores, annotations, out, config_file, name, rule, classes, labels, exclude, centre_fraction,
           context, jitter_px, rotations, negatives_per_slide, slide_dirs, seed, cluster, workers):
     """Label every tile (or point-centred patch) of the STORES and write a dataset manifest."""
@@ -66,7 +66,7 @@ def build(stores, annotations, out, config_file, name, rule, classes, labels, ex
         elif kind == "warning":
             click.echo(f"hpcpath: warning: {info['warning']}", err=True)
 
-    with dask_session(cluster, workers, Path(out).parent, lock="dataset build",
+    with backend_session(cluster, workers, Path(out).parent, lock="dataset build",
                       lock_name=f".hpcpath-lock-{Path(out).name}") as client:
         res = build_dataset(list(stores), list(annotations), out, cfg, slide_dirs=list(slide_dirs),
                             client=client, on_event=report)

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from hpcpath.cli.common import cluster_options, dask_session
+from hpcpath.cli.common import backend_session, cluster_options
 
 
 class _Report:
@@ -67,7 +67,7 @@ class _Report:
 @click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides of STORES.")
 @click.option("--wait-workers", type=int, default=1, show_default=True,
               help="Start once this many workers are connected (or the cluster's worker_timeout passed).")
-@cluster_options
+@cluster_options(spark=True)
 def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, cluster, workers, **options):
     """Run a model over SLIDES_OR_STORES: heatmaps into each store's predictions/<name>,
     overlay PNGs, detections (CSV and QuPath GeoJSON) for points models, and run tables.
@@ -85,12 +85,10 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     cfg = InferConfig.load(config_file, **options)
     check_model(model_dir, cfg)
     spec = parse_cluster_spec(cluster)
-    with dask_session(spec, workers, out_dir, lock="infer") as client:
+    with backend_session(spec, workers, out_dir, lock="infer") as client:
         if wait_workers > 1:
-            try:
-                client.wait_for_workers(wait_workers, timeout=getattr(spec, "worker_timeout", 60))
-            except TimeoutError:
-                n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            n = client.wait_for_workers(wait_workers, getattr(spec, "worker_timeout", 60))
+            if n < wait_workers:
                 click.echo(f"hpcpath: warning: {n} of {wait_workers} workers connected; going on", err=True)
         report = _Report()
         # raw slides are tiled first (OUT/stores), then every store is predicted

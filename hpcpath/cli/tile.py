@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from hpcpath.cli.common import cluster_options, dask_session
+from hpcpath.cli.common import backend_session, cluster_options
 
 
 @click.command()
@@ -35,7 +35,7 @@ from hpcpath.cli.common import cluster_options, dask_session
 @click.option("--record-paths/--names-only", default=None,
               help="Slide paths in the manifest [yes]; --names-only keeps file names (later stages then need --slides).")
 @click.option("--allow-empty", is_flag=True, help="Exit 0 even if some slide had nothing to tile.")
-@cluster_options
+@cluster_options(spark=True)
 def tile(inputs, out_dir, config_file, allow_empty, cluster, workers, **options):
     """Tile slides into OUT/<slide_id>.zarr stores (pyramid, tissue mask, tile index, tiles).
 
@@ -47,7 +47,7 @@ def tile(inputs, out_dir, config_file, allow_empty, cluster, workers, **options)
     from hpcpath.tiling import tile_slides
 
     cfg = TileConfig.load(config_file, **options)
-    with dask_session(cluster, workers, out_dir, lock="tile") as client:
+    with backend_session(cluster, workers, out_dir, lock="tile") as client:
         progress = Progress()
         try:
             result = tile_slides(list(inputs), out_dir, cfg, client=client, on_event=progress)

@@ -61,6 +61,9 @@ def cluster_client(
     from distributed import Client
 
     spec = parse_cluster_spec(spec)
+    if spec.backend == "spark":
+        raise ConfigError("a Spark cluster runs hpcpath tile, dataset build and infer; this "
+                          "needs Dask (--cluster local, slurm, tcp://... or a Dask YAML spec)")
     if n_workers_override is not None and n_workers_override < 1:
         raise ConfigError(f"the number of workers must be at least 1, got {n_workers_override}")
     with ExitStack() as stack:

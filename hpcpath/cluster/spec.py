@@ -25,13 +25,15 @@ from pydantic import (
 from hpcpath.config import describe_error, read_yaml
 from hpcpath.errors import ConfigError
 
-__all__ = ["ENV_VAR", "ClusterSpec", "LocalSpec", "SchedulerSpec", "SlurmSpec", "parse_cluster_spec"]
+__all__ = ["ENV_VAR", "ClusterSpec", "LocalSpec", "SchedulerSpec", "SlurmSpec", "SparkSpec",
+           "parse_cluster_spec"]
 
 ENV_VAR = "HPCPATH_CLUSTER"
 """Environment variable read when no spec is given: ``local``, ``slurm``, an address or a file."""
 
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(infinite|unlimited)$", re.IGNORECASE)
 _ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+_SPARK_MASTER = re.compile(r"^(local(\[(\*|[1-9]\d*)(,\s*[1-9]\d*)?\])?|spark://\S+|yarn|k8s://\S+)$")
 _NO_LIMIT = ("infinite", "unlimited")
 
 
@@ -308,12 +310,64 @@ class SchedulerSpec(_Spec):
         return value
 
 
-ClusterSpec = Annotated[LocalSpec | SlurmSpec | SchedulerSpec, Field(discriminator="backend")]
+class SparkSpec(BaseModel):
+    """A Spark cluster (:mod:`hpcpath.backends.spark`): ``local[N]``, a standalone master
+    ``spark://host:port``, ``yarn`` or ``k8s://...``.  Sizes are per executor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["spark"]
+    master: str = Field("local[*]", description="local[N], spark://HOST:PORT, yarn, k8s://...")
+    app_name: str = "hpcpath"
+    executor_cores: int | None = Field(None, ge=1, description="task slots per executor")
+    executor_memory: str | None = Field(None, description="JVM heap per executor, e.g. '4g'")
+    driver_memory: str | None = None
+    executor_gpus: int = Field(0, ge=0, description="GPUs per executor; each task gets one")
+    gpu_discovery_script: str | None = Field(
+        None, description='script printing {"name": "gpu", "addresses": [...]} on each worker')
+    python: str | None = Field(None, description="executors' Python; default: the one running hpcpath")
+    conf: dict[str, str | int | float | bool] = Field(default_factory=dict, description="more spark.* settings")
+    worker_timeout: float = Field(120.0, gt=0, description="seconds to wait for a first executor")
+
+    @field_validator("master")
+    @classmethod
+    def _master(cls, value: str) -> str:
+        if not _SPARK_MASTER.match(value.strip()):
+            raise ValueError(f"{value!r} is not a Spark master such as 'local[2]', "
+                             "'spark://host:7077', 'yarn' or 'k8s://https://host:443'")
+        return value.strip()
+
+    @field_validator("executor_memory", "driver_memory")
+    @classmethod
+    def _jvm_size(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+[kmgtKMGT]?", value.strip()):
+            raise ValueError(f"{value!r} is not a JVM size such as '512m' or '4g'")
+        return value
+
+    @field_validator("conf")
+    @classmethod
+    def _conf(cls, value: dict) -> dict:
+        bad = [k for k in value if not str(k).startswith("spark.")]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a Spark setting (they start with 'spark.')")
+        return value
+
+    @model_validator(mode="after")
+    def _gpus(self) -> SparkSpec:
+        script = self.gpu_discovery_script
+        if self.executor_gpus and not script and not self.master.startswith(("yarn", "k8s")):
+            raise ValueError("executor_gpus needs gpu_discovery_script (a script on every "
+                             'worker that prints {"name": "gpu", "addresses": ["0", ...]})')
+        return self  # the script lives on the workers: whether it runs is Spark's to say
+
+
+ClusterSpec = Annotated[LocalSpec | SlurmSpec | SchedulerSpec | SparkSpec, Field(discriminator="backend")]
 _ADAPTER: TypeAdapter[ClusterSpec] = TypeAdapter(ClusterSpec)
 _MODELS: dict[str, type[_Spec]] = {
     "local": LocalSpec,
     "slurm": SlurmSpec,
     "scheduler": SchedulerSpec,
+    "spark": SparkSpec,
 }
 
 
@@ -331,8 +385,10 @@ def parse_cluster_spec(
     'tcp://10.0.0.5:8786'
     >>> parse_cluster_spec({"backend": "slurm", "gpus_per_job": 2}).worker_processes
     2
+    >>> parse_cluster_spec("spark://10.0.0.5:7077").master, parse_cluster_spec("spark").master
+    ('spark://10.0.0.5:7077', 'local[*]')
     """
-    if isinstance(value, (LocalSpec, SlurmSpec, SchedulerSpec)):
+    if isinstance(value, (LocalSpec, SlurmSpec, SchedulerSpec, SparkSpec)):
         return value
     source = "cluster spec"
     if value is None:
@@ -353,14 +409,18 @@ def parse_cluster_spec(
         return LocalSpec()
     if text == "slurm":
         return SlurmSpec(backend="slurm")
+    if text == "spark":
+        return SparkSpec(backend="spark")
+    if _SPARK_MASTER.match(text):
+        return SparkSpec(backend="spark", master=text)
     if _ADDRESS.match(text):
         return SchedulerSpec(backend="scheduler", address=text)
     path = Path(text).expanduser()
     if path.suffix in (".yaml", ".yml") or path.is_file():
         return _from_file(path)
     raise ConfigError(
-        f"{source}: {value!r} is not 'local', 'slurm', a scheduler address (tcp://host:port) "
-        "or a YAML file"
+        f"{source}: {value!r} is not 'local', 'slurm', a scheduler address (tcp://host:port), "
+        "'spark', a Spark master (local[N], spark://host:port) or a YAML file"
     )
 
 

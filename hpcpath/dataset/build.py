@@ -1,4 +1,4 @@
-"""Slide stores + annotations -> labelled patch datasets, on the Dask cluster.
+"""Slide stores + annotations -> labelled patch datasets, on a cluster (Dask or Spark).
 
 Per slide (worker tasks; the driver sees counts only):
 
@@ -28,7 +28,7 @@ import numpy as np
 from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import DatasetConfig
 from hpcpath.errors import HpcpathError, OutputError
-from hpcpath.stage import run_per_slide, task_key
+from hpcpath.stage import Unit, run_per_slide
 from hpcpath.store import slide_source
 
 __all__ = ["build_dataset", "DatasetBuildResult", "find_stores"]
@@ -330,14 +330,14 @@ def build_dataset(
     chunk: int = 64,
 ) -> DatasetBuildResult:
     """Label every store, add context/patch pixels, split, and write the manifest ``out``."""
-    from distributed import default_client
+    from hpcpath.backends import as_backend
 
     from hpcpath.annotations import match_annotations
     from hpcpath.labels import split_groups
     from hpcpath.store import open_store
 
     cfg = cfg or DatasetConfig()
-    client = client or default_client()
+    backend = as_backend(client)
     emit = on_event or (lambda kind, info: None)
     out = Path(out)
     try:
@@ -370,14 +370,10 @@ def build_dataset(
     def expand(sid: str, plan: dict) -> list:
         for w in plan.get("warnings", []):
             emit("warning", {"slide_id": sid, "warning": w})
-        futs = []
-        for arr in plan["image_arrays"]:
-            for a in range(0, plan["items"], chunk * 4):
-                b = min(plan["items"], a + chunk * 4)
-                f = client.submit(write_patches, str(by_id[sid]), str(sources[sid]), cfg.name, arr, a, b,
-                                  key=task_key("patches", sid, arr, a, cfg.name), pure=False, retries=2)
-                futs.append((f, arr))
-        return futs
+        return [Unit(write_patches, (str(by_id[sid]), str(sources[sid]), cfg.name, arr, a,
+                                     min(plan["items"], a + chunk * 4)),
+                     arr, ("patches", arr, a, cfg.name), retries=2)
+                for arr in plan["image_arrays"] for a in range(0, plan["items"], chunk * 4)]
 
     def finish(sid: str, o) -> None:
         if o.error is None:
@@ -393,7 +389,7 @@ def build_dataset(
                          "warnings": _first_warnings(o.plan.get("warnings", []))}
             emit("slide", {"slide_id": sid, **done[sid]})
 
-    run_per_slide(client, plans, expand, finish, stage="dataset", key=cfg.name, label=str(out))
+    run_per_slide(backend, plans, expand, finish, stage="dataset", key=cfg.name, label=str(out))
 
     ids = sorted(done)
     patient = _patients(cfg, ids)

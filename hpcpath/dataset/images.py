@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcpath.errors import HpcpathError, OutputError
-from hpcpath.stage import run_per_slide, task_key
+from hpcpath.stage import Unit, run_per_slide
 
 __all__ = ["build_image_dataset"]
 
@@ -78,12 +78,12 @@ def build_image_dataset(
     on_event: Callable[[str, dict], None] | None = None,
 ) -> Path:
     """Build ``out_dir/<name>.json`` (+ one store per split) from a ChestX-ray14 CSV."""
-    from distributed import default_client
+    from hpcpath.backends import as_backend
 
     from hpcpath.annotations import DEFAULT_CXR14, read_chestxray_csv
     from hpcpath.labels import split_groups
 
-    client = client or default_client()
+    backend = as_backend(client)
     emit = on_event or (lambda kind, info: None)
     out = Path(out_dir)
     try:
@@ -108,8 +108,8 @@ def build_image_dataset(
     def expand(s: str, plan: dict) -> list:
         idx = members[s]
         return [
-            (client.submit(_write_images, stores[s], name, [str(cxr.image_paths[i]) for i in idx[a : a + chunk]],
-                           a, size, key=task_key("images", str(s), a, name), pure=False, retries=2), "images")
+            Unit(_write_images, (stores[s], name, [str(cxr.image_paths[i]) for i in idx[a : a + chunk]], a, size),
+                 "images", ("images", a, name), retries=2)
             for a in range(0, len(idx), chunk)
         ]
 
@@ -125,7 +125,7 @@ def build_image_dataset(
             failed[s] = o.error
             emit("failed", {"slide_id": s, "error": o.error})
 
-    run_per_slide(client, plans, expand, finish, stage="images", key=name, label=str(out_dir))
+    run_per_slide(backend, plans, expand, finish, stage="images", key=name, label=str(out_dir))
     if failed:
         split, err = next(iter(failed.items()))
         raise HpcpathError(f"{split} split failed: {err}", csv)

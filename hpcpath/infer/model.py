@@ -58,29 +58,29 @@ def check_worker_gpu(setting: str) -> dict[str, Any]:
     global _DEVICE
     import socket
 
-    from hpcpath.gpu import decide, gpu_facts, hide_gpus_if_off
+    from hpcpath.gpu import decide, gpu_facts, hide_gpus_if_off, task_gpu
 
     if _TF_READY is None:
         hide_gpus_if_off(setting)
     configure_tensorflow()
-    d = decide(setting, gpu_facts())
+    env = dict(os.environ)
+    if task_gpu() is not None and not env.get("CUDA_VISIBLE_DEVICES"):
+        env["CUDA_VISIBLE_DEVICES"] = task_gpu()  # given by the scheduler (Spark), not Slurm
+    d = decide(setting, gpu_facts(env))
     _DEVICE = d.device
     return {"action": d.action, "device": d.device, "message": d.message, "host": socket.gethostname()}
 
 
-def check_workers_gpu(client, setting: str) -> list[dict[str, Any]]:
-    """On the driver: :func:`check_worker_gpu` on every connected worker; a ``require``
-    failure becomes one ConfigError for the whole run (the first worker's reason), ``prefer``
-    warnings are printed once each with the number of workers they concern."""
+def check_workers_gpu(backend, setting: str) -> list[dict[str, Any]]:
+    """On the driver: :func:`check_worker_gpu` where the backend's prediction units run
+    (every Dask worker, every Spark task slot); a ``require`` failure becomes one ConfigError
+    for the whole run (the first worker's reason), ``prefer`` warnings are printed once each
+    with the number of workers they concern."""
     import sys
 
     from hpcpath.errors import ConfigError
 
-    workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
-    futs = [client.submit(check_worker_gpu, setting, workers=[w], allow_other_workers=False,
-                          pure=False, key=f"gpu-check-{i}-{os.getpid()}-{id(client)}")
-            for i, w in enumerate(workers)]
-    results = client.gather(futs)
+    results = backend.check_gpu(setting)
     for r in results:
         if r["action"] == "fail":
             raise ConfigError(f"worker on {r['host']}: {r['message']}")
@@ -100,14 +100,18 @@ def _device() -> str:
 
 
 def device_record() -> dict[str, Any]:
-    """Where this task runs: the GPU Slurm gave it, the Dask worker, host, Slurm job."""
+    """Where this task runs: the GPU Slurm (or Spark: ``gpu_address``) gave it, the Dask
+    worker, host, Slurm job, process, and when the task ended (``ended``, Unix seconds)."""
     import socket
+    import sys
+    import time
 
+    from hpcpath.gpu import task_gpu
+
+    dask_worker = getattr(sys.modules.get("distributed"), "get_worker", None)  # on a Dask worker
     try:
-        from distributed import get_worker
-
-        worker = str(get_worker().name)
-    except (ImportError, ValueError):
+        worker = str(dask_worker().name) if dask_worker else ""
+    except ValueError:
         worker = ""
     return {
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -116,6 +120,9 @@ def device_record() -> dict[str, Any]:
         "worker": worker,
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "gpu_address": task_gpu() or "",
+        "pid": os.getpid(),
+        "ended": round(time.time(), 3),
     }
 
 
@@ -145,6 +152,7 @@ class LoadedModel:
     path: str
     n_outputs: int
     _fns: dict
+    device: str | None = None  # TensorFlow device it was loaded on and predicts on
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -176,8 +184,11 @@ class LoadedModel:
         return (acc / len(DIHEDRAL)).astype(np.float32)[:n]
 
     def _call(self, fn, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import contextlib
+
         args = [feeds[name] for name in self.meta.inputs]
-        out = fn(args[0] if len(args) == 1 else args)
+        with _on_device(self.device) if self.device else contextlib.nullcontext():
+            out = fn(args[0] if len(args) == 1 else args)
         out = np.asarray(out, np.float32)
         return out.reshape(out.shape[0], -1)
 
@@ -220,25 +231,38 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _on_device(device: str):
+    import tensorflow as tf
+
+    return tf.device(device)
+
+
 def cached_model(directory: str | os.PathLike) -> LoadedModel:
     """The model of ``directory``, loaded on first use in this process and kept.
 
-    The cache key holds the folder's real path and its files' modification times, so a
-    model saved anew under the same path is loaded again.  Thread-safe.
+    The cache key holds the folder's real path, the task's GPU (:func:`hpcpath.gpu.tf_device`:
+    a Spark Python worker runs tasks given different GPUs, and keeps one copy per GPU it was
+    given) and its files' modification times, so a model saved anew under the same path is
+    loaded again.  Thread-safe.
     """
+    import contextlib
+
+    from hpcpath.gpu import tf_device
     from hpcpath.modelio import load_model
 
     d = Path(directory).resolve()
+    device = tf_device()
     try:
-        key = (str(d), *((d / f).stat().st_mtime_ns for f in (MODEL_FILE, META_FILE)))
+        key = (str(d), device, *((d / f).stat().st_mtime_ns for f in (MODEL_FILE, META_FILE)))
     except FileNotFoundError:
-        key = (str(d),)
+        key = (str(d), device)
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
         configure_tensorflow()
-        model, meta = load_model(d)
+        with _on_device(device) if device else contextlib.nullcontext():
+            model, meta = load_model(d)
         shape = model.output_shape
         shape = shape[0] if isinstance(shape, list) else shape
         n_out = int(np.prod([s for s in shape[1:] if s is not None])) if len(shape) > 1 else 1
@@ -246,8 +270,8 @@ def cached_model(directory: str | os.PathLike) -> LoadedModel:
             raise HpcpathError(
                 f"model has {len(model.inputs)} inputs but {META_FILE} names {len(meta.inputs)} "
                 f"({', '.join(meta.inputs)})", d)
-        loaded = LoadedModel(model, meta, str(d), n_out, {})
-        for k in [k for k in _CACHE if k[0] == str(d)]:
+        loaded = LoadedModel(model, meta, str(d), n_out, {}, device)
+        for k in [k for k in _CACHE if k[:2] == (str(d), device)]:
             del _CACHE[k]  # an older version of this folder's model
         _CACHE[key] = loaded
         return loaded

@@ -1,8 +1,9 @@
 """The inference driver: slides or stores in, predictions, detections and tables out.
 
 The per-slide loop is ``hpcpath.stage.run_per_slide`` (the one tiling and dataset building
-use): a plan task per store, then one prediction task per row block (``resources={"GPU":
-1}`` when the workers advertise GPUs), then a finishing task.  No pixel reaches the driver;
+use): a plan task per store, then one prediction unit per row block (each with a GPU of its
+own when the workers offer GPUs: Dask's ``resources={"GPU": 1}``, Spark's task GPU
+address), then a finishing unit.  No pixel reaches the driver;
 it reads each slide's small summary from the store when the slide is done and rewrites the
 run tables (``summary.csv``, ``tasks.csv``) atomically.
 
@@ -29,7 +30,7 @@ from hpcpath.errors import HpcpathError, OutputError
 from hpcpath.files import read_table, write_table
 from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS
 from hpcpath.infer.tasks import detect_candidates, finish_predictions, output_paths, plan_predictions, predict_windows
-from hpcpath.stage import run_per_slide, task_key
+from hpcpath.stage import Unit, run_per_slide
 from hpcpath.store import check_output_dir, slide_source
 from hpcpath.store.predictions import open_predictions, predictions_complete
 
@@ -124,11 +125,10 @@ def _with_path(error: str, path: Path) -> str:
     return error if head and (head == str(path) or Path(head).exists()) else f"{path}: {error}"
 
 
-def _wants_gpu(client, cfg: InferConfig) -> bool:
+def _wants_gpu(backend, cfg: InferConfig) -> bool:
     if cfg.gpu != "prefer":
         return cfg.gpu == "require"
-    workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
+    return backend.offers_gpus()
 
 
 def _row_from_summary(sid: str, store: Path, name: str, info: dict, seconds: float,
@@ -176,13 +176,12 @@ def infer_slides(
     ``<slide_id>.detections.csv`` / ``.geojson``; ``summary.csv`` holds one row per slide,
     ``tasks.csv`` one row per prediction task (where it ran, for how long).
     """
-    from distributed import default_client
-
+    from hpcpath.backends import as_backend
     from hpcpath.infer.model import model_digest
     from hpcpath.store import open_store
 
     cfg = cfg or InferConfig()
-    client = client or default_client()
+    backend = as_backend(client)
     out = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
     model_dir = Path(model_dir)
@@ -253,24 +252,21 @@ def infer_slides(
     emit("start", {"slides": len(plans) + len(rows), "submitted": len(plans)})
 
     run = f"{key}-{uuid.uuid4().hex[:8]}"  # keys unique per run: never reuse an old result
-    resources = {"GPU": 1} if plans and _wants_gpu(client, cfg) else None
+    gpu = bool(plans) and _wants_gpu(backend, cfg)
     if plans:  # GPUs used, or one line why not (hpcpath.gpu)
         from hpcpath.infer.model import check_workers_gpu
 
-        check_workers_gpu(client, cfg.gpu)
+        check_workers_gpu(backend, cfg.gpu)
     task_fn = predict_windows if cfg.mode == "window" else detect_candidates
 
     def expand(sid: str, plan: dict) -> list:
         emit("plan", {"slide_id": sid, "windows": plan["n_windows"], "tasks": len(plan["blocks"])})
         src = plans[sid][1][1]
-        futs = [
-            client.submit(task_fn, plan["store"], src, str(model_dir), name, k, r0, r1, cfg,
-                          key=task_key("predict", sid, k, run), pure=False, retries=1, resources=resources)
-            for k, (r0, r1) in enumerate(plan["blocks"])
-        ]
-        fin = client.submit(finish_predictions, plan["store"], name, str(out), cfg, *futs,
-                            key=task_key("predict-finish", sid, run), pure=False)
-        return [(f, "windows") for f in futs] + [(fin, "finish")]
+        units = [Unit(task_fn, (plan["store"], src, str(model_dir), name, k, r0, r1, cfg),
+                      "windows", ("predict", k, run), retries=1, gpu=gpu)
+                 for k, (r0, r1) in enumerate(plan["blocks"])]
+        return units + [Unit(finish_predictions, (plan["store"], name, str(out), cfg), "finish",
+                             ("predict-finish", run), after=tuple(range(len(units))))]
 
     def finish(sid: str, o) -> None:
         st = by_id[sid]
@@ -289,5 +285,5 @@ def infer_slides(
         if kind == "windows":
             emit("windows", {"slide_id": sid, "n": n})
 
-    run_per_slide(client, plans, expand, finish, stage="predict", key=run, label=str(out), on_task=on_task)
+    run_per_slide(backend, plans, expand, finish, stage="predict", key=run, label=str(out), on_task=on_task)
     return InferResult(out, name, rows, summary_path, tasks_path)

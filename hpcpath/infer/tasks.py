@@ -151,7 +151,9 @@ def _rows(windows: np.ndarray, r0: int, r1: int) -> tuple[int, int]:
 def _record(k, r0, r1, n, t0, predict_s, wait_s, **extra) -> dict[str, Any]:
     from hpcpath.infer.model import device_record
 
-    return {"task": k, "rows": [r0, r1], "windows": n, **device_record(),
+    rec = device_record()
+    rec["started"] = round(rec["ended"] - (time.perf_counter() - t0), 3)
+    return {"task": k, "rows": [r0, r1], "windows": n, **rec,
             "seconds": round(time.perf_counter() - t0, 4), "predict_s": round(predict_s, 4),
             "io_wait_s": round(wait_s, 4), **extra}
 

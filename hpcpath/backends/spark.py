@@ -1,0 +1,327 @@
+"""The Spark backend: plans and units as Spark tasks, one partition each.
+
+A stage runs as a few Spark jobs: the plans (a partition per slide), then, phase by phase,
+the units of every slide (a partition per unit: a run of whole tile chunks, a pyramid band,
+a block of prediction rows).  Each task writes its own Zarr chunks through the same unit
+functions the Dask backend runs and returns a small record (an int, a plan dict), never
+pixels: nothing goes through ``collect()`` but those records.  Unit functions are
+idempotent and completion markers are written last, so Spark's task retries (a lost
+executor, a killed Python worker) and speculative copies rewrite the same bytes.
+
+A unit's exception is caught in its task and comes back as a one-line error for its slide
+(the others go on); only a crash (a killed worker, a segfault) fails the Spark task, which
+Spark retries (``spark.task.maxFailures``; ``local[N]`` becomes ``local[N,4]`` for the same
+reason).  A job that still fails is rerun a partition per job, so the failure lands on the
+one slide that caused it.
+
+GPUs: with ``executor_gpus`` in the spec every task is given one GPU address by Spark's
+resource scheduler (``spark.task.resource.gpu.amount=1``); a ``gpu`` unit hands its address
+to :func:`hpcpath.gpu.set_task_gpu`, so TensorFlow runs it on that device only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hpcpath.backends.base import Outcome, SlideLoop, Unit, one_line, phases
+from hpcpath.backends.inline import call_unit
+from hpcpath.errors import ClusterError, ConfigError
+
+if TYPE_CHECKING:
+    from hpcpath.cluster.spec import SparkSpec
+
+__all__ = ["SparkBackend", "spark_backend", "spark_conf", "task_gpu_address"]
+
+_LOCAL = re.compile(r"^local(\[(\*|\d+)(,\s*(\d+))?\])?$")
+_LOG4J = """status = error
+rootLogger.level = {level}
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = spark: %p %c{{1}}: %m%n%ex
+"""
+
+
+def task_gpu_address() -> str | None:
+    """The GPU address(es) Spark gave the running task (``TaskContext.resources()["gpu"]``),
+    comma-separated (one with ``spark.task.resource.gpu.amount=1``), or None."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is None:
+        return None
+    gpu = ctx.resources().get("gpu")
+    return ",".join(gpu.addresses) if gpu is not None and gpu.addresses else None
+
+
+def _execute(item: tuple) -> tuple[str, Any]:
+    """In a Spark task: one plan or unit; ``("ok", result)`` or ``("error", one line)``."""
+    fn, args, retries, gpu = item
+    from hpcpath.gpu import set_task_gpu
+
+    set_task_gpu(task_gpu_address() if gpu else None)
+    try:
+        return "ok", call_unit(fn, args, retries)
+    except Exception as exc:  # noqa: BLE001 - the slide fails, not the Spark job
+        return "error", one_line(exc)
+    finally:
+        set_task_gpu(None)
+
+
+def _warm(_: int) -> int:
+    """In a Spark task: import what units need, so the first stage does not pay for it."""
+    import hpcpath.dataset.build  # noqa: F401
+    import hpcpath.tiling  # noqa: F401
+
+    return os.getpid()
+
+
+def _probe_gpu(setting: str) -> dict[str, Any]:
+    """In a Spark task: the GPU check of :func:`hpcpath.infer.model.check_worker_gpu`."""
+    from hpcpath.gpu import set_task_gpu
+    from hpcpath.infer.model import check_worker_gpu
+
+    set_task_gpu(task_gpu_address())
+    try:
+        return check_worker_gpu(setting)
+    finally:
+        set_task_gpu(None)
+
+
+class SparkBackend:
+    """Runs stages on a ``pyspark.SparkContext`` (or the context of a ``SparkSession``)."""
+
+    name = "spark"
+
+    def __init__(self, spark) -> None:
+        self.sc = getattr(spark, "sparkContext", spark)
+
+    # ------------------------------------------------------------------ jobs
+    def _alive(self) -> bool:
+        try:
+            return not self.sc._jsc.sc().isStopped()
+        except Exception:  # noqa: BLE001 - the gateway itself is gone
+            return False
+
+    def _lost(self, exc: BaseException) -> ClusterError:
+        return ClusterError(f"lost the Spark driver or cluster {self.sc.master} mid-run "
+                            f"({one_line(exc)}): nothing more was marked complete; rerun the "
+                            "same command to resume")
+
+    def _job(self, description: str, items: list[tuple]) -> list[tuple[str, Any]]:
+        """Every item as its own partition; their records, in order."""
+        if not items:
+            return []
+        self.sc.setJobDescription(description)
+        try:
+            return self.sc.parallelize(items, len(items)).map(_execute).collect()
+        except Exception as exc:  # noqa: BLE001 - a task failed past its retries
+            if not self._alive():
+                raise self._lost(exc) from None
+            if len(items) == 1:
+                return [("error", f"Spark task failed past its retries: {_spark_reason(exc)}")]
+        return [self._job(description, [it])[0] for it in items]  # isolate the culprit
+
+    def run(self, plans: dict[str, tuple[Callable, tuple]],
+            expand: Callable[[str, dict], list[Unit]],
+            finish: Callable[[str, Outcome], None], *,
+            stage: str, key: str = "", label: str = "",
+            on_task: Callable[[str, str, int], None] | None = None) -> None:
+        loop = SlideLoop(plans, expand, finish, on_task)
+        sids = list(plans)
+        records = self._job(f"hpcpath {stage}: plan {len(sids)} slide(s) -> {label}",
+                            [(fn, args, 0, False) for fn, args in plans.values()])
+        units: dict[str, list[Unit]] = {}
+        for sid, (status, value) in zip(sids, records):
+            if status == "ok":
+                units[sid] = loop.planned(sid, value)
+            else:
+                loop.planned(sid, error=value)
+        phase = {sid: phases(us) for sid, us in units.items()}
+        results: dict[tuple[str, int], tuple[str, Any]] = {}
+        top = max((max(p, default=-1) for p in phase.values()), default=-1)
+        for p in range(top + 1):
+            todo: list[tuple[str, int]] = []
+            for sid, us in units.items():
+                for i, u in enumerate(us):
+                    if phase[sid][i] != p:
+                        continue
+                    failed = [a for a in u.after if results[(sid, a)][0] != "ok"]
+                    if failed:
+                        results[(sid, i)] = results[(sid, failed[0])]
+                        loop.unit_done(sid, u, error=results[(sid, i)][1])
+                    else:
+                        todo.append((sid, i))
+            items = []
+            for sid, i in todo:
+                u = units[sid][i]
+                deps = tuple(results[(sid, a)][1] for a in u.after)
+                items.append((u.fn, (*u.args, *deps), u.retries, u.gpu))
+            kinds = sorted({units[s][i].kind for s, i in todo})
+            for (sid, i), rec in zip(todo, self._job(
+                    f"hpcpath {stage}: {'+'.join(kinds)} ({len(todo)} tasks) -> {label}", items)):
+                results[(sid, i)] = rec
+                status, value = rec
+                loop.unit_done(sid, units[sid][i], value if status == "ok" else None,
+                               None if status == "ok" else value)
+
+    # ------------------------------------------------------------------ workers
+    def _slots(self) -> int:
+        return int(self.sc.defaultParallelism)
+
+    def warm_up(self) -> None:
+        """Start a Python worker per task slot and import the stage modules there (what a
+        Dask worker does when it starts), so start-up is paid before the first stage."""
+        n = max(1, self._slots())
+        self.sc.setJobDescription("hpcpath: start Python workers")
+        self.sc.parallelize(range(n), n).map(_warm).collect()
+
+    def offers_gpus(self) -> bool:
+        return float(self.sc.getConf().get("spark.task.resource.gpu.amount", "0") or 0) > 0
+
+    def check_gpu(self, setting: str) -> list[dict[str, Any]]:
+        """The check in as many tasks as there are task slots (each with its GPU address)."""
+        n = max(1, self._slots())
+        self.sc.setJobDescription(f"hpcpath: GPU check ({setting})")
+        return self.sc.parallelize([setting] * n, n).map(_probe_gpu).collect()
+
+    def executors(self) -> int:
+        """Executors registered (local mode: the driver's own, 1)."""
+        if self.sc.master.startswith("local"):
+            return 1
+        return max(0, int(self.sc._jsc.sc().getExecutorMemoryStatus().size()) - 1)
+
+    def wait_for_workers(self, n: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.executors() < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.executors()
+
+
+def _spark_reason(exc: BaseException) -> str:
+    """The first useful line of a Spark job failure (Py4J wraps it in pages of Java)."""
+    text = str(exc)
+    m = re.search(r"(Lost task [^\n]*?\): )?([A-Za-z.]*(Exception|Error)[^\n]*)", text)
+    line = (m.group(2) if m else text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+    return line[:300]
+
+
+def spark_conf(spec: SparkSpec, n_workers: int | None = None, log_dir: str | None = None) -> tuple[str, dict[str, str]]:
+    """The master URL and Spark settings for ``spec`` (pure: tested without Spark).
+
+    >>> from hpcpath.cluster.spec import SparkSpec
+    >>> m, c = spark_conf(SparkSpec(backend="spark", master="local[2]"))
+    >>> m, c["spark.task.maxFailures"], "spark.executor.resource.gpu.amount" in c
+    ('local[2,4]', '4', False)
+    >>> m, c = spark_conf(SparkSpec(backend="spark", master="spark://h:7077", executor_gpus=2,
+    ...                             gpu_discovery_script="/bin/true"))
+    >>> c["spark.task.resource.gpu.amount"], c["spark.executor.resource.gpu.amount"]
+    ('1', '2')
+    """
+    master = spec.master
+    m = _LOCAL.match(master)
+    if m:
+        n = n_workers or (None if m.group(2) in (None, "*") else int(m.group(2))) or os.cpu_count() or 1
+        master = f"local[{n},{m.group(4) or 4}]"
+    conf = {
+        "spark.app.name": spec.app_name,
+        "spark.ui.showConsoleProgress": "false",
+        "spark.pyspark.python": spec.python or sys.executable,
+        "spark.pyspark.driver.python": sys.executable,
+        "spark.python.worker.reuse": "true",
+        "spark.task.maxFailures": "4",
+        "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    if spec.executor_cores:
+        conf["spark.executor.cores"] = str(spec.executor_cores)
+    if n_workers and not m:
+        conf["spark.cores.max"] = str(n_workers * (spec.executor_cores or 1))
+    if spec.executor_memory:
+        conf["spark.executor.memory"] = spec.executor_memory
+    if spec.driver_memory:
+        conf["spark.driver.memory"] = spec.driver_memory
+    if spec.executor_gpus:
+        conf["spark.executor.resource.gpu.amount"] = str(spec.executor_gpus)
+        conf["spark.task.resource.gpu.amount"] = "1"
+        if spec.gpu_discovery_script:
+            conf["spark.executor.resource.gpu.discoveryScript"] = spec.gpu_discovery_script
+    conf.update({k: str(v) for k, v in spec.conf.items()})
+    return master, conf
+
+
+@contextmanager
+def _stderr_to(path: Path | None) -> Iterator[None]:
+    """File descriptor 2 sent to ``path`` meanwhile: a JVM started now keeps it for good."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+@contextmanager
+def spark_backend(spec: SparkSpec, n_workers: int | None = None, *, log_file: str | os.PathLike | None = None,
+                  verbose: bool = False) -> Iterator[SparkBackend]:
+    """A SparkSession for ``spec`` (local, standalone ``spark://``, ``yarn``...), stopped on exit.
+
+    The driver JVM's output (and, in local mode, its Python workers') goes to ``log_file``
+    (default: a file deleted at the end; ``verbose``: the terminal), its console progress bar
+    is off and its logging at warnings, so a run prints hpcpath's lines only.  Waits up to
+    ``spec.worker_timeout`` seconds for a first executor."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ConfigError("--cluster spark: pyspark is not installed; pip install "
+                          "'hpcpath[spark]' (or pip install pyspark)") from None
+    master, conf = spark_conf(spec, n_workers)
+    if spec.python or not os.environ.get("PYSPARK_PYTHON"):  # what PySpark sends executors
+        os.environ["PYSPARK_PYTHON"] = conf["spark.pyspark.python"]
+    with tempfile.TemporaryDirectory(prefix="hpcpath-spark-") as tmp:
+        log4j = Path(tmp) / "log4j2.properties"
+        log4j.write_text(_LOG4J.format(level="warn"))
+        opt = f"-Dlog4j2.configurationFile=file:{log4j}"
+        for k in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
+            conf[k] = f"{conf[k]} {opt}" if k in conf else opt
+        builder = SparkSession.builder.master(master)
+        for k, v in conf.items():
+            builder = builder.config(k, v)
+        log = None if verbose else Path(log_file) if log_file else Path(tmp) / "spark.log"
+        try:
+            with _stderr_to(log):
+                session = builder.getOrCreate()
+        except Exception as exc:  # noqa: BLE001 - no Java, a bad master URL, ...
+            why = _spark_reason(exc)
+            if "Java gateway process exited" in why:
+                why = f"the Spark driver (Java) did not start; is a JDK 17 installed? See {log}"
+            raise ClusterError(f"cannot start Spark on {master}: {why}") from None
+        try:
+            session.sparkContext.setLogLevel("WARN")
+            backend = SparkBackend(session)
+            if backend.wait_for_workers(1, spec.worker_timeout) < 1:
+                raise ClusterError(f"no Spark executor registered with {master} within "
+                                   f"{spec.worker_timeout:.0f} s: are its workers up, with free "
+                                   "cores and memory (and GPUs, with executor_gpus)?")
+            backend.warm_up()
+            yield backend
+        finally:
+            session.stop()
