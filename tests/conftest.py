@@ -156,3 +156,27 @@ def cli_dataset(root: Path, n: int, size: str, seed: int) -> Path:
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "tumor.json"
+
+
+SPARK_DIR = Path(os.environ.get("HPCPATH_SPARK_DIR", "/tmp/hpcpath-spark"))
+
+
+@pytest.fixture(scope="session")
+def local_spark() -> Iterator[dict[str, str]]:
+    """A standalone Spark cluster (``bin/local-spark``: a master and two workers with two fake
+    GPUs each, addresses 0-1 and 2-3), started once per session and stopped at its end.
+    Yields ``master`` (spark://...), ``dir`` (its state folder) and ``gpu_script`` (a GPU
+    discovery script for the application's executors)."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        missing_resource("Spark needs Java: apt-get install -y openjdk-17-jre-headless")
+    pytest.importorskip("pyspark")
+    tool = str(REPO / "bin" / "local-spark")
+    proc = subprocess.run([tool, "start", str(SPARK_DIR)], capture_output=True, text=True, timeout=300)
+    if proc.returncode:
+        pytest.fail(f"bin/local-spark start failed:\n{proc.stderr}{proc.stdout}", pytrace=False)
+    env = subprocess.run([tool, "env", str(SPARK_DIR)], capture_output=True, text=True, check=True).stdout
+    master = env.strip().rpartition("=")[2]
+    try:
+        yield {"master": master, "dir": str(SPARK_DIR), "gpu_script": str(SPARK_DIR / "gpus-1.sh")}
+    finally:
+        subprocess.run([tool, "stop", str(SPARK_DIR)], capture_output=True, text=True, timeout=120)
