@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -43,7 +43,9 @@ from hpcpath.store import (
     create_slide_store,
     is_complete,
     mark_complete,
+    open_group,
     open_store,
+    pyramid_levels,
     remove_store,
     store_path,
 )
@@ -129,8 +131,8 @@ def tile_grid(geom: TileGeometry) -> tuple[np.ndarray, np.ndarray]:
     t, s = geom.tile_size, geom.stride
     cols = (wo - t) // s + 1 if wo >= t else 0
     rows = (ho - t) // s + 1 if ho >= t else 0
-    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    rr, cc = rr.ravel(), cc.ravel()
+    grid_r, grid_c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    rr, cc = grid_r.ravel(), grid_c.ravel()
     x0 = np.round(cc * s * geom.downsample).astype(np.int64)
     y0 = np.round(rr * s * geom.downsample).astype(np.int64)
     index = np.stack([x0, y0, np.full_like(x0, geom.level), rr, cc], axis=1).astype(np.int64)
@@ -169,7 +171,8 @@ def _downsample2(block: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- worker tasks
-def _tissue_channel_blocked(slide, w: int, h: int, downsample: float, method: str) -> np.ndarray:
+def _tissue_channel_blocked(slide, w: int, h: int, downsample: float,
+                            method: Literal["saturation", "od"]) -> np.ndarray:
     """The slide's uint8 tissue channel at ``downsample``, read block by block: memory is one
     block of RGB plus one byte per mask pixel, whatever the slide size."""
     out = np.empty((h, w), np.uint8)
@@ -314,7 +317,7 @@ def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: 
     meta = st.metadata
     level, read = meta.tiling.level, meta.tiling.read_size
     lds = meta.slide.level_downsamples[level]
-    index = st.root["tiles/index"][start:stop]
+    index = np.asarray(st.root["tiles/index"][start:stop])
     slide = open_slide(slide_path, cfg.reader, cached=True)
     tile_path = meta.tiling.options.get("tile_path") or {}
     if tile_path.get("kind") == "passthrough":
@@ -367,10 +370,8 @@ def _write_passthrough(slide, store: str, images, index: np.ndarray, level: int,
 
 def write_pyramid_base(slide_path: str, store: str, cfg: TileConfig, row0: int, row1: int) -> int:
     """Worker task: rows [row0, row1) of pyramid level 0, read from the best slide level."""
-    import zarr
-
     keep_large_buffers()
-    arr = zarr.open_group(store, mode="r+")["image/0"]
+    arr = open_group(store, "r+", "image")["0"]
     _, h, w = arr.shape
     slide = open_slide(slide_path, cfg.reader, cached=True)
     d = cfg.pyramid_downsample
@@ -387,19 +388,17 @@ def write_pyramid_levels(store: str, *_deps: Any) -> int:
     One task for all upper levels: together they hold a third of level 0's pixels, and one
     task saves a scheduler round trip per level on small slides.
     """
-    import zarr
-
-    image = zarr.open_group(store, mode="r+")["image"]
-    n = len(image.attrs["ome"]["multiscales"][0]["datasets"])
+    levels = pyramid_levels(open_group(store, "r+", "image"))
+    n = len(levels)
     step = _PYRAMID_CHUNK
     for level in range(1, n):
-        src, dst = image[str(level - 1)], image[str(level)]
+        src, dst = levels[level - 1], levels[level]
         _, h, w = dst.shape
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
             for c0 in range(0, w, step):
                 c1 = min(w, c0 + step)
-                block = src[:, 2 * r0 : 2 * r1, 2 * c0 : 2 * c1]
+                block = np.asarray(src[:, 2 * r0 : 2 * r1, 2 * c0 : 2 * c1])
                 dst[:, r0:r1, c0:c1] = _downsample2(block)[:, : r1 - r0, : c1 - c0]
     return n
 

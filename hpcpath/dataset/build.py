@@ -15,10 +15,9 @@ small JSON file that references the stores: the one thing the reader opens.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,28 +27,24 @@ import numpy as np
 from hpcpath._malloc import keep_large_buffers
 from hpcpath.config import DatasetConfig
 from hpcpath.errors import HpcpathError, OutputError
+from hpcpath.files import find_stores, write_json
 from hpcpath.stage import Unit, run_per_slide
-from hpcpath.store import slide_source
+from hpcpath.store import (
+    DatasetMeta,
+    StoreMeta,
+    create_dataset,
+    dataset_meta,
+    finish_dataset,
+    open_dataset_group,
+    open_store,
+    slide_source,
+)
 
-__all__ = ["build_dataset", "DatasetBuildResult", "find_stores"]
+__all__ = ["build_dataset", "DatasetBuildResult"]
 
 DATASET_FORMAT = "hpcpath-dataset/1"
 _BLOCK = 2048  # label-raster pixels per block side
 _MASK_SUFFIXES = (".tif", ".tiff")
-
-
-def find_stores(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Slide stores named directly or found (one level deep) in folders."""
-    out: list[Path] = []
-    for raw in inputs:
-        p = Path(raw)
-        if p.suffix == ".zarr":
-            out.append(p)
-        elif p.is_dir():
-            out.extend(sorted(c for c in p.iterdir() if c.suffix == ".zarr" and c.is_dir()))
-        else:
-            raise HpcpathError("not a slide store (.zarr) or a folder of them", p)
-    return out
 
 
 def _is_annotation(path: Path) -> bool:
@@ -96,23 +91,23 @@ def _positive_labels(cfg: DatasetConfig, labels: list[str]) -> set[str]:
     return set(cfg.classes) | ({UNCLASSIFIED} if add else set())
 
 
-def label_pixel(store_meta: dict, cfg: DatasetConfig) -> float:
+def label_pixel(store_meta: StoreMeta, cfg: DatasetConfig) -> float:
     """Level-0 px per label-raster px: ``label_downsample`` when set, else the tile's own
     pixel.  One label pixel per tile pixel makes the centre rule exact to one tile pixel
     whatever level 0 is: a fixed level-0 size is too coarse where level 0 itself is coarse
     (a DICOM at 29 um/px tiled with 16-px tiles has a 10-px centre)."""
-    return float(cfg.label_downsample or store_meta["tiling"]["downsample"])
+    return float(cfg.label_downsample or store_meta.tiling.downsample)
 
 
-def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
+def _region_labels(store_meta: StoreMeta, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
     """Per-tile (centre label, region fraction) from masks and polygons, block by block so
     memory stays bounded by one block of the label raster."""
     from hpcpath.annotations import AnnotationSet, MaskAnnotation, read_annotations
     from hpcpath.annotations._errors import warn
     from hpcpath.labels import centre_boxes, region_fraction
 
-    dims = tuple(store_meta["slide"]["level_dimensions"][0])
-    side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
+    dims = store_meta.slide.dimensions
+    side = store_meta.tiling.tile_side0
     masks, regions, cut_out = [], AnnotationSet(), AnnotationSet()
     for f in ann_files:
         if Path(f).suffix.lower() in _MASK_SUFFIXES:
@@ -167,7 +162,7 @@ def _region_labels(store_meta: dict, index: np.ndarray, ann_files: list[str], cf
     return labels, fraction, regions.warnings
 
 
-def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
+def _point_items(store_meta: StoreMeta, index: np.ndarray, ann_files: list[str], cfg: DatasetConfig):
     """Positive centres on annotated points (jittered, rotated) and negative centres drawn
     from tissue-tile centres at least D from every point."""
     from hpcpath.annotations import AnnotationSet, read_annotations
@@ -180,11 +175,11 @@ def _point_items(store_meta: dict, index: np.ndarray, ann_files: list[str], cfg:
     xy = np.array([[p.x, p.y] for a, k in zip(sets, keep) for p in a.points if p.label in k],
                   np.float64).reshape(-1, 2)
     xy = np.unique(xy, axis=0)  # the same point from two files (CSV + GeoJSON) counts once
-    side = store_meta["tiling"]["tile_size"] * store_meta["tiling"]["downsample"]
+    side = store_meta.tiling.tile_side0
     pos = point_patches(xy, patch_px=side, jitter_px=cfg.jitter_px, rotations=cfg.rotations,
                         n_per_point=cfg.n_per_point, seed=cfg.seed)
-    mpp = store_meta["slide"]["mpp"]
-    dist = scaled_distance(cfg.min_distance_px, mpp[0]) if mpp else cfg.min_distance_px
+    mpp = store_meta.mpp
+    dist = scaled_distance(cfg.min_distance_px, mpp) if mpp else cfg.min_distance_px
     cands = index[:, :2].astype(np.float64) + side / 2
     neg = negative_centres(cands, xy, min_distance_px=dist, n=cfg.negatives_per_slide, seed=cfg.seed)
     centres = np.concatenate([pos.centres, neg]).reshape(-1, 2)
@@ -202,15 +197,13 @@ def label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: int
 
 
 def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: int) -> dict[str, Any]:
-    import zarr
-
     from hpcpath.codecs import array_codecs
 
-    root = zarr.open_group(store, mode="r+")
-    meta = dict(root.attrs["hpcpath"])
-    index = root["tiles/index"][:]
-    t = meta["tiling"]["tile_size"]
-    side = t * meta["tiling"]["downsample"]
+    st = open_store(store)
+    meta = st.metadata
+    index = st.index
+    t = meta.tiling.tile_size
+    side = meta.tiling.tile_side0
     extra: dict[str, Any] = {}
     if cfg.rule == "points":
         centres, labels, rot, dist, warnings = _point_items(meta, index, ann_files, cfg)
@@ -224,16 +217,10 @@ def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: in
         item_index = np.arange(len(index), dtype=np.int64)
         rot = np.zeros(len(index), np.int8)
     k = len(labels)
-    ds_group = root.require_group("datasets")
-    if cfg.name in ds_group:
-        del ds_group[cfg.name]
-    g = ds_group.create_group(cfg.name)
-    g.attrs["hpcpath_dataset"] = {
-        "complete": False, "rule": cfg.rule, "classes": list(cfg.classes),
-        "config": cfg.model_dump(mode="json"), "items": k, "positives": int(labels.sum()),
-        "source": "patches" if cfg.rule == "points" else "tiles",
-        "patch_downsample": meta["tiling"]["downsample"], "patch_size": t, **extra,
-    }
+    g = create_dataset(store, cfg.name, DatasetMeta(
+        rule=cfg.rule, classes=tuple(cfg.classes), config=cfg.model_dump(mode="json"), items=k,
+        positives=int(labels.sum()), source="patches" if cfg.rule == "points" else "tiles",
+        patch_downsample=meta.tiling.downsample, patch_size=t, **extra))
     c = max(1, min(k, 65536))
     g.create_array("labels", data=labels, chunks=(c,))
     g.create_array("centres", data=centres.reshape(-1, 2), chunks=(c, 2))
@@ -256,30 +243,21 @@ def _label_slide(store: str, ann_files: list[str], cfg: DatasetConfig, chunk: in
 def write_patches(store: str, slide_path: str, name: str, array: str, start: int, stop: int) -> int:
     """Worker task: patch pixels [start, stop) of ``array`` ("images" or "context/<r>"),
     each a T x T read centred on the item's level-0 centre."""
-    import zarr
-
     from hpcpath.io import open_slide
 
     keep_large_buffers()
-    root = zarr.open_group(store, mode="r+")
-    g = root[f"datasets/{name}"]
-    info = g.attrs["hpcpath_dataset"]
-    t, ds = info["patch_size"], info["patch_downsample"]
+    g = open_dataset_group(store, name, "r+")
+    info = dataset_meta(g)
+    t, ds = info.patch_size, float(info.patch_downsample or 1.0)
     if array != "images":
         ds = ds * float(array.split("/", 1)[1])
-    centres = g["centres"][start:stop]
+    centres = np.asarray(g["centres"][start:stop], np.float64)
     slide = open_slide(slide_path, cached=True)
     out = np.empty((len(centres), t, t, 3), np.uint8)
     for i, (cx, cy) in enumerate(centres):
         out[i] = slide.read_scaled(cx - t * ds / 2, cy - t * ds / 2, t, t, ds)
     g[array][start:stop] = out
     return stop - start
-
-
-def finish_dataset(store: str, name: str) -> None:
-    from hpcpath.store import mark_complete
-
-    mark_complete(store, f"datasets/{name}", "hpcpath_dataset")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -324,15 +302,14 @@ def build_dataset(
     out: str | os.PathLike,
     cfg: DatasetConfig | None = None,
     *,
-    slide_dirs: list[str | os.PathLike] = (),
+    slide_dirs: Sequence[str | os.PathLike] = (),
     client=None,
     on_event: Callable[[str, dict], None] | None = None,
     chunk: int = 64,
 ) -> DatasetBuildResult:
     """Label every store, add context/patch pixels, split, and write the manifest ``out``."""
-    from hpcpath.backends import as_backend
-
     from hpcpath.annotations import match_annotations
+    from hpcpath.backends import as_backend
     from hpcpath.labels import split_groups
     from hpcpath.store import open_store
 
@@ -345,8 +322,8 @@ def build_dataset(
     except OSError as exc:
         raise OutputError(f"cannot create folder ({exc.strerror})", out.parent) from None
     paths = find_stores(stores)
-    metas = {p: open_store(p).meta for p in paths}  # complete stores only (refuses partial)
-    by_id = {m["slide"]["slide_id"]: p for p, m in metas.items()}
+    metas = {p: open_store(p).metadata for p in paths}  # complete stores only (refuses partial)
+    by_id = {m.slide_id: p for p, m in metas.items()}
     ann_paths: list[Path] = []
     for a in annotations:
         a = Path(a)
@@ -360,7 +337,7 @@ def build_dataset(
     for sid, p in by_id.items():
         src = slide_source(p, metas[p], dirs) if need_pixels else None
         if need_pixels and src is None:
-            failed[sid] = f"{p}: slide file {metas[p]['slide']['source_name']!r} not found (pass --slides DIR)"
+            failed[sid] = f"{p}: slide file {metas[p].slide.source_name!r} not found (pass --slides DIR)"
             emit("failed", {"slide_id": sid, "error": failed[sid]})
             continue
         sources[sid] = src
@@ -412,7 +389,5 @@ def build_dataset(
         ],
         "failed": failed,
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out)  # written last: a dataset manifest only lists complete slides
+    write_json(out, manifest)  # written last: a dataset manifest only lists complete slides
     return DatasetBuildResult(out, done, failed)

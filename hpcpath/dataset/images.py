@@ -7,14 +7,15 @@ then reads exactly like a slide dataset (each split store is one "slide" record)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hpcpath.errors import HpcpathError, OutputError
+from hpcpath.files import write_json
 from hpcpath.stage import Unit, run_per_slide
 
 __all__ = ["build_image_dataset"]
@@ -23,21 +24,14 @@ __all__ = ["build_image_dataset"]
 def _create_split_store(store: str, name: str, labels: np.ndarray, classes: list[str],
                         size: int, chunk: int) -> dict:
     """Worker task: an image store for one split, arrays created, nothing written yet."""
-    import zarr
-
-    from hpcpath._version import __version__
     from hpcpath.codecs import array_codecs
-    from hpcpath.store import remove_store
+    from hpcpath.store import DatasetMeta, create_dataset, create_image_store
 
-    remove_store(store)
-    root = zarr.open_group(store, mode="w", zarr_format=3)
-    root.attrs["hpcpath"] = {"version": __version__, "kind": "images", "complete": True}
-    g = root.create_group(f"datasets/{name}")
+    create_image_store(store)
     n = len(labels)
-    g.attrs["hpcpath_dataset"] = {
-        "complete": False, "rule": "multilabel", "classes": classes, "items": n,
-        "positives": int(labels.any(axis=1).sum()), "source": "patches", "patch_size": size,
-    }
+    g = create_dataset(store, name, DatasetMeta(
+        rule="multilabel", classes=tuple(classes), items=n,
+        positives=int(labels.any(axis=1).sum()), source="patches", patch_size=size))
     c = max(1, min(n, 65536))
     g.create_array("labels", data=labels, chunks=(c, labels.shape[1]))
     g.create_array("rotation", data=np.zeros(n, np.int8), chunks=(c,))
@@ -49,8 +43,9 @@ def _create_split_store(store: str, name: str, labels: np.ndarray, classes: list
 
 def _write_images(store: str, name: str, paths: list[str], start: int, size: int) -> int:
     """Worker task: decode, convert to RGB and resize images into rows [start, start+len)."""
-    import zarr
     from PIL import Image
+
+    from hpcpath.store import open_dataset_group
 
     out = np.empty((len(paths), size, size, 3), np.uint8)
     for i, p in enumerate(paths):
@@ -59,7 +54,7 @@ def _write_images(store: str, name: str, paths: list[str], start: int, size: int
                 out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
         except OSError as exc:
             raise HpcpathError(f"cannot read image ({exc})", p) from None
-    zarr.open_group(store, mode="r+")[f"datasets/{name}/images"][start : start + len(paths)] = out
+    open_dataset_group(store, name, "r+")["images"][start : start + len(paths)] = out
     return len(paths)
 
 
@@ -78,9 +73,8 @@ def build_image_dataset(
     on_event: Callable[[str, dict], None] | None = None,
 ) -> Path:
     """Build ``out_dir/<name>.json`` (+ one store per split) from a ChestX-ray14 CSV."""
-    from hpcpath.backends import as_backend
-
     from hpcpath.annotations import DEFAULT_CXR14, read_chestxray_csv
+    from hpcpath.backends import as_backend
     from hpcpath.labels import split_groups
 
     backend = as_backend(client)
@@ -117,7 +111,7 @@ def build_image_dataset(
 
     def finish(s: str, o) -> None:
         if o.error is None:
-            from hpcpath.dataset.build import finish_dataset
+            from hpcpath.store import finish_dataset
 
             finish_dataset(stores[s], name)
             emit("slide", {"slide_id": s, "items": o.plan["items"]})
@@ -129,7 +123,7 @@ def build_image_dataset(
     if failed:
         split, err = next(iter(failed.items()))
         raise HpcpathError(f"{split} split failed: {err}", csv)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": "hpcpath-dataset/1", "name": name, "rule": "multilabel",
         "classes": list(cxr.classes), "context_downsamples": [], "negatives_per_positive": None,
         "seed": seed,
@@ -141,7 +135,4 @@ def build_image_dataset(
         "failed": {},
     }
     path = out / f"{name}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, manifest)

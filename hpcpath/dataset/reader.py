@@ -42,19 +42,20 @@ class _StoreArrays:
         from hpcpath.store import dataset_meta, open_group
 
         root = open_group(path)
-        self.group = root[f"datasets/{name}"]
+        self.group = open_group(path, "r", f"datasets/{name}")
         info = dataset_meta(self.group)
         if not info.complete:
             raise HpcpathError(f"dataset {name!r} is incomplete in this store; rebuild it", path)
         if info.source == "tiles":
             self.images = ChunkReader(root["tiles/images"])
-            self.item_index = self.group["item_index"][:]
+            self.item_index: np.ndarray | None = np.asarray(self.group["item_index"][:])
         else:
             self.images = ChunkReader(self.group["images"])
             self.item_index = None
-        self.rotation = self.group["rotation"][:]
+        self.rotation = np.asarray(self.group["rotation"][:])
         self.context = {
-            k: ChunkReader(self.group[f"context/{k}"]) for k in (self.group["context"].array_keys() if "context" in self.group else [])
+            k: ChunkReader(self.group[f"context/{k}"])
+            for k in (self.group["context"].array_keys() if "context" in self.group else [])
         }
 
     def rows(self, items: np.ndarray) -> np.ndarray:
@@ -239,11 +240,11 @@ def open_dataset(path: str | os.PathLike) -> PatchDataset:
         store = (path.parent / rec["store"]).resolve()
         stores.append(store)
         root = open_group(store)
-        g = root[f"datasets/{doc['name']}"]
-        lab = g["labels"][:]
+        g = open_group(store, "r", f"datasets/{doc['name']}")
+        lab = np.asarray(g["labels"][:])
         n = len(lab)
         if dataset_meta(g).source == "tiles":
-            rows = g["item_index"][:]
+            rows = np.asarray(g["item_index"][:])
             chunk_len = rows_per_read(root["tiles/images"])
         else:
             rows = np.arange(n)
