@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -20,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcpath.errors import ConfigError
 
-__all__ = ["TileConfig", "DatasetConfig", "InferConfig", "ServeConfig", "AugmentConfig", "SplitConfig", "TrainConfig", "load_model", "read_yaml",
-           "describe_error"]
+__all__ = ["TileConfig", "DatasetConfig", "InferConfig", "ServeConfig", "AugmentConfig", "SplitConfig",
+           "TrainConfig", "load_model", "read_yaml", "describe_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,21 +41,23 @@ class TileConfig(_Frozen):
 
     tile_size: int = Field(256, ge=16, le=4096, description="tile edge in output pixels")
     overlap: int = Field(0, ge=0, description="pixels shared by neighbouring tiles")
-    level: int | None = Field(None, ge=0, description="pyramid level to tile (default 0)")
-    mpp: float | None = Field(None, gt=0, description="target microns per pixel (resamples)")
+    level: int | None = Field(None, ge=0, description="pyramid level to tile [0]")
+    mpp: float | None = Field(None, gt=0, description="target microns per pixel (instead of level; resamples)")
     default_mpp: float | None = Field(
         None, gt=0, description="MPP to assume for slides whose header has none"
     )
     tissue_threshold: float = Field(
         0.5, ge=0, le=1, description="minimum tissue fraction for a tile to be kept"
     )
-    tissue_method: Literal["saturation", "od"] = "saturation"
+    tissue_method: Literal["saturation", "od"] = Field(
+        "saturation", description="tissue detector: HSV saturation or optical density")
     mask_mpp: float = Field(8.0, gt=0, description="microns per tissue-mask pixel")
     mask_downsample: float = Field(
         32.0, ge=1, description="mask downsample for slides without MPP"
     )
-    codec: Literal["blosc-lz4", "blosc-zstd", "jpeg", "none"] = "blosc-lz4"
-    jpeg_quality: int = Field(90, ge=1, le=100)
+    codec: Literal["blosc-lz4", "blosc-zstd", "jpeg", "none"] = Field(
+        "blosc-lz4", description="tile array codec")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="quality for codec jpeg")
     passthrough: Literal["auto", "never"] = Field(
         "auto", description="auto: where the slide's native tiles are JPEG / JPEG 2000 and the tile "
         "grid is theirs, store their bytes unchanged (no decode, no re-encode; codec is then "
@@ -62,11 +65,11 @@ class TileConfig(_Frozen):
     )
     chunk_tiles: int = Field(64, ge=1, description="tiles per Zarr chunk of the tile array")
     tiles_per_task: int = Field(256, ge=1, description="tiles one Dask task reads and writes")
-    pyramid: bool = True
+    pyramid: bool = Field(True, description="write the OME-NGFF overview pyramid")
     pyramid_downsample: float = Field(
         4.0, ge=1, description="level-0 downsample of the pyramid's finest level"
     )
-    reader: Literal["auto", "openslide", "direct"] = "auto"
+    reader: Literal["auto", "openslide", "direct"] = Field("auto", description="pixel reader")
     record_paths: bool = Field(
         True, description="keep each slide's path as given in the manifest; false keeps only its "
         "file name (a path can identify a patient; later stages then need --slides)",
@@ -141,7 +144,7 @@ class DatasetConfig(_Frozen):
     """How slide stores plus annotations become a labelled patch dataset."""
 
     name: str = Field("tumor", pattern=NAME_PATTERN, description="dataset name in the stores")
-    rule: Literal["centre", "fraction", "points"] = "centre"
+    rule: Literal["centre", "fraction", "points"] = Field("centre", description="labelling rule")
     classes: tuple[str, ...] = Field(
         ("Tumor",), description="annotation classes counted as positive (masks: any value > 0)"
     )
@@ -171,15 +174,15 @@ class DatasetConfig(_Frozen):
     )
     # point rule (mitoses)
     jitter_px: float = Field(0.0, ge=0, description="max shift of positive centres, level-0 px")
-    rotations: Literal[0, 4] = 0
+    rotations: Literal[0, 4] = Field(0, description="points rule: 4 quarter-turn copies per positive")
     n_per_point: int = Field(1, ge=1)
     min_distance_px: float = Field(60.0, gt=0, description="negatives' distance at 0.25 um/px")
     negatives_per_positive: float | None = Field(
         None, ge=0, description="subsample negatives to this ratio (seeded); None keeps all"
     )
-    negatives_per_slide: int = Field(200, ge=0, description="point rule: negative patches per slide")
+    negatives_per_slide: int = Field(200, ge=0, description="points rule: negative patches per slide")
     split: SplitConfig = SplitConfig()
-    seed: int = 0
+    seed: int = Field(0, description="seed of the negatives, jitter and balancing draws")
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> DatasetConfig:
@@ -199,7 +202,8 @@ class ModelConfig(_Frozen):
     weights: str | None = Field(None, description="local weights file (no download): a Keras "
                                 "applications no-top .h5 for the backbone, or .weights.h5 of the whole model")
     weights_for: Literal["backbone", "model"] = "backbone"
-    trainable_layers: int | Literal["all"] = Field("all", description="fine-tune phase: top N backbone layers trainable")
+    trainable_layers: int | Literal["all"] = Field(
+        "all", description="fine-tune phase: top N backbone layers trainable")
     dropout: float = Field(0.0, ge=0, lt=1)
     width: int = Field(32, ge=4, le=512, description="small_cnn: filters of the first block")
 
@@ -299,8 +303,8 @@ class TrainConfig(_Frozen):
         except ValidationError as exc:  # one line; did-you-mean against the nested section's keys
             errors = exc.errors(include_url=False)
             section: Any = cls
-            for part in errors[0]["loc"][:-1]:
-                field = getattr(section, "model_fields", {}).get(part)
+            for loc in errors[0]["loc"][:-1]:
+                field = getattr(section, "model_fields", {}).get(loc)
                 section = field.annotation if field is not None else None
             known = sorted(getattr(section, "model_fields", {}))
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -314,7 +318,8 @@ class InferConfig(_Frozen):
 
     name: str | None = Field(
         None, pattern=NAME_PATTERN,
-        description="predictions/<name> in each store (default: the model folder's name)",
+        description="name of the predictions in the stores, predictions/<name> [the dataset the model "
+        "was trained on, e.g. tumor; else the model folder's name]",
     )
     mode: Literal["window", "two-stage"] = Field(
         "window", description="sliding window, or nucleus proposals + patch classification (points models)"
@@ -322,7 +327,7 @@ class InferConfig(_Frozen):
     stride: int | None = Field(
         None, ge=1, description="window stride in patch pixels (default: the store's tile stride)"
     )
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096, description="patches per model call")
     tta: bool = Field(False, description="average the 8 dihedral transforms of every patch")
     tissue_threshold: float | None = Field(
         None, ge=0, le=1,
@@ -433,7 +438,7 @@ def read_yaml(path: str | os.PathLike, section: str | None = None) -> tuple[dict
     return data, ""
 
 
-def describe_error(err: dict, known: list[str] | None = None, prefix: str = "") -> str:
+def describe_error(err: Mapping[str, Any], known: list[str] | None = None, prefix: str = "") -> str:
     """One pydantic error as ``key: message`` on one line, with a did-you-mean for typos."""
     loc = [str(x) for x in err["loc"]]
     key = prefix + ".".join(loc)

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from hpcpath.cli.common import backend_session, cluster_options, dask_session
+from hpcpath.cli.options import config_option, config_options
+from hpcpath.config import DatasetConfig
 
 
 @click.group()
@@ -21,26 +23,24 @@ def dataset():
               help="Annotation files or folders (masks, ASAP/Aperio XML, GeoJSON, point CSV); "
                    "matched to slides by file name.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(), help="Dataset manifest (.json) to write.")
-@click.option("--config", "config_file", type=click.Path(), help="YAML with dataset options (top level or under 'dataset:').")
-@click.option("--name", help="Dataset name inside the stores [tumor].")
-@click.option("--rule", type=click.Choice(["centre", "fraction", "points"]), help="Labelling rule [centre].")
-@click.option("--class", "classes", multiple=True, help="Positive annotation class (repeatable) [Tumor].")
+@click.option("--config", "config_file", type=click.Path(),
+              help="YAML with dataset options (top level or under 'dataset:').")
+@config_options(DatasetConfig, "name", "rule")
+@config_option(DatasetConfig, "classes", "--class", "classes")
 @click.option("--label", "labels", multiple=True, metavar="OLD=NEW",
               help="Rename an annotation class before labelling (repeatable), e.g. --label Carcinoma=Tumor; "
                    "added to the default CAMELYON map (_0/_1 -> Tumor, _2 -> Exclusion).")
-@click.option("--exclude", "exclude", multiple=True, help="Class cut out of positive regions (repeatable) [Exclusion].")
-@click.option("--centre-fraction", type=float, help="Centre square side / patch side [0.625 = 50/80].")
-@click.option("--context", "context", multiple=True, type=float, help="Context patch downsample factor (repeatable), e.g. 4.")
-@click.option("--jitter", "jitter_px", type=float, help="Points rule: max jitter of positive centres (level-0 px).")
-@click.option("--rotations", type=click.Choice(["0", "4"]), help="Points rule: 4 quarter-turn copies per positive.")
-@click.option("--negatives-per-slide", type=int, help="Points rule: negative patches per slide [200].")
+@config_option(DatasetConfig, "exclude_classes", "--exclude", "exclude")
+@config_option(DatasetConfig, "centre_fraction")
+@config_option(DatasetConfig, "context_downsamples", "--context", "context")
+@config_option(DatasetConfig, "jitter_px", "--jitter", "jitter_px")
+@config_options(DatasetConfig, "rotations", "negatives_per_slide")
 @click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides.")
-@click.option("--seed", type=int)
+@config_option(DatasetConfig, "seed")
 @cluster_options(spark=True)
 def build(stores, annotations, out, config_file, name, rule, classes, labels, exclude, centre_fraction,
           context, jitter_px, rotations, negatives_per_slide, slide_dirs, seed, cluster, workers):
     """Label every tile (or point-centred patch) of the STORES and write a dataset manifest."""
-    from hpcpath.config import DatasetConfig
     from hpcpath.dataset import build_dataset
 
     label_map = None

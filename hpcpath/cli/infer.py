@@ -8,6 +8,8 @@ import time
 import click
 
 from hpcpath.cli.common import backend_session, cluster_options
+from hpcpath.cli.options import config_option, config_options
+from hpcpath.config import InferConfig
 
 
 class _Report:
@@ -47,24 +49,17 @@ class _Report:
               help="Model folder (model.keras + hpcpath-model.json).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
               help="Output folder: overlays, detections, summary.csv, tasks.csv (slides are tiled into OUT/stores).")
-@click.option("--config", "config_file", type=click.Path(), help="YAML with infer options (top level or under 'infer:').")
-@click.option("--name", help="Name of the predictions in the stores [the dataset the model was trained on, e.g. tumor; else the model folder's name].")
-@click.option("--mode", type=click.Choice(["window", "two-stage"]), help="Sliding window, or proposals + patch classification (points models) [window].")
-@click.option("--stride", type=int, help="Window stride in patch pixels [the store's tile stride].")
-@click.option("--batch-size", type=int, help="Patches per model call [64].")
-@click.option("--tta/--no-tta", default=None, help="Average the 8 dihedral transforms [no].")
-@click.option("--tissue-threshold", type=float, help="Minimum tissue fraction of a window [the store's].")
-@click.option("--windows-per-task", type=int, help="Windows per Dask task; bigger slides are split [8192].")
-@click.option("--threshold", type=float, help="Score a detection needs [0.5].")
-@click.option("--merge", type=click.Choice(["nms", "dbscan"]), help="Merging nearby hits [nms].")
-@click.option("--radius", "radius_px", type=float, help="Merge radius, level-0 pixels [32].")
-@click.option("--score-class", help="Class whose probability is the score [the last].")
-@click.option("--gpu", type=click.Choice(["require", "prefer", "off"]), default=None,
-              help="require: a GPU per task that TensorFlow sees, else a one-line error; prefer: GPUs when the "
-                   "workers have them, a warning when TensorFlow sees none; off: CPU [$HPCPATH_GPU, else prefer].")
-@click.option("--mixed-precision/--no-mixed-precision", default=None, help="float16 compute on GPUs [no].")
-@click.option("--xla/--no-xla", default=None, help="Compile the forward pass with XLA [no].")
-@click.option("--slides", "slide_dirs", multiple=True, type=click.Path(), help="Folders holding the source slides of STORES.")
+@click.option("--config", "config_file", type=click.Path(),
+              help="YAML with infer options (top level or under 'infer:').")
+@config_options(InferConfig, "name", "mode", "stride", "batch_size", "tta", "tissue_threshold",
+                "windows_per_task", "threshold", "merge")
+@config_option(InferConfig, "radius_px", "--radius", "radius_px")
+@config_option(InferConfig, "score_class")
+@config_option(InferConfig, "gpu", help=f"{InferConfig.model_fields['gpu'].description} "
+               f"[$HPCPATH_GPU, else {InferConfig.model_fields['gpu'].default}]")
+@config_options(InferConfig, "mixed_precision", "xla")
+@click.option("--slides", "slide_dirs", multiple=True, type=click.Path(),
+              help="Folders holding the source slides of STORES.")
 @click.option("--wait-workers", type=int, default=1, show_default=True,
               help="Start once this many workers are connected (or the cluster's worker_timeout passed).")
 @cluster_options(spark=True)
@@ -76,7 +71,6 @@ def infer(inputs, model_dir, out_dir, config_file, slide_dirs, wait_workers, clu
     any failed, 2 on usage errors (bad options, model folder, config, output).
     """
     from hpcpath.cluster import parse_cluster_spec
-    from hpcpath.config import InferConfig
     from hpcpath.gpu import setting_from_env
     from hpcpath.infer.run import check_model
     from hpcpath.workflows import infer_inputs
