@@ -121,7 +121,7 @@ def worker(out: Path, reps: int) -> None:
         buf = tf.ones([n], tf.float32)
         hvd.allreduce(buf, op=hvd.Sum, name=f"warm{n}").numpy()
         r = max(3, reps // (1 + n // 1_000_000))
-        t = _median_time(lambda: hvd.allreduce(buf, op=hvd.Sum, name=f"buf{n}").numpy(), r, barrier)
+        t = _median_time(lambda buf=buf, n=n: hvd.allreduce(buf, op=hvd.Sum, name=f"buf{n}").numpy(), r, barrier)
         res["buffers"].append({"bytes": 4 * n, "seconds": t})
     from hpcpath.train.logs import gather_json
 

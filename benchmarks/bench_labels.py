@@ -87,7 +87,7 @@ def main() -> None:
     print(f"slide {w} x {w} level-0 px, 256-px tiles, best of {args.rounds}")
     print("| tile downsample | tiles | label pixel | seconds | positives |")
     print("|---|---|---|---|---|")
-    for (ds, name), (meta, index, cfg) in cases.items():
+    for (ds, name), (_meta, index, _cfg) in cases.items():
         print(f"| {ds} | {len(index)} | {name} | {best[(ds, name)]:.2f} | {positives[(ds, name)]} |")
 
 

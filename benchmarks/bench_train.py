@@ -94,7 +94,7 @@ def pipeline_and_step(manifest: Path, batch: int, steps: int) -> dict:
 
     def drain(epoch):
         n, t0 = 0, time.perf_counter()
-        for x, y in tf_batches(rank_batches(shard, batch, steps, seed=0, epoch=epoch), data,
+        for _x, y in tf_batches(rank_batches(shard, batch, steps, seed=0, epoch=epoch), data,
                                augment=cfg.augmentation):
             n += int(y.shape[0])
         return n / (time.perf_counter() - t0)

@@ -8,6 +8,8 @@ cleanly so errors raised on Dask workers reach the driver intact.
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "HpcpathError",
     "SlideError",
@@ -23,7 +25,7 @@ __all__ = [
 class HpcpathError(Exception):
     """Base class.  ``path`` names the file the error is about, when there is one."""
 
-    def __init__(self, message: str, path: str | None = None) -> None:
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.path = None if path is None else str(path)
@@ -63,5 +65,5 @@ class AnnotationError(HpcpathError, ValueError):
     """An annotation, mask or label file cannot be used as it is (malformed, empty, unknown
     class, no matching slide).  ``str`` is one line: ``FILE: element: reason``."""
 
-    def __init__(self, message: str, path: str | None = None) -> None:
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
         super().__init__(" ".join(str(message).split()), None if path is None else str(path))

@@ -26,7 +26,7 @@ The rules:
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -192,7 +192,7 @@ def balance(labels, ratio_neg_per_pos: float, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate([pos, keep])).astype(np.int64)
 
 
-def _counts(n: int, fractions: Sequence[float]) -> list[int]:
+def _counts(n: int, fractions: Sequence[float] | np.ndarray) -> list[int]:
     """Split n into len(fractions) parts by largest remainder; train (first) gets at least
     one when n >= 1 so every stratum is seen in training."""
     exact = np.asarray(fractions, dtype=np.float64) * n
@@ -207,7 +207,7 @@ def _counts(n: int, fractions: Sequence[float]) -> list[int]:
 
 
 def split_groups(groups: Sequence[Hashable], fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                 stratify: Mapping[Hashable, Hashable] | None = None, seed: int = 0
+                 stratify: Mapping[Any, Hashable] | None = None, seed: int = 0
                  ) -> dict[Hashable, str]:
     """``{group: "train" | "val" | "test"}`` for distinct groups (slides or patients).
 
@@ -220,6 +220,7 @@ def split_groups(groups: Sequence[Hashable], fractions: Sequence[float] = (0.7, 
         raise ConfigError("fractions must be three non-negative numbers summing to 1, "
                           f"got {fractions}")
     uniq = sorted(set(groups), key=lambda g: (type(g).__name__, g))
+    strata: dict[Hashable, list[Hashable]]
     if stratify is None:
         strata = {None: uniq}
     else:

@@ -87,5 +87,6 @@ def load_model(directory: str | os.PathLike, *, compile: bool = False):
         # safe_mode: a Lambda layer (pickled Python bytecode) in the file is refused, never run
         model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - keras raises many types for bad files
-        raise HpcpathError(f"cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path) from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise HpcpathError(f"cannot load model ({type(exc).__name__}: {first})", path) from None
     return model, meta

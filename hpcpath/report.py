@@ -96,8 +96,8 @@ def _png_uri(img) -> str:
 def _file_uri(path: Path, max_px: int | None = None) -> str:
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as src:
+        im = src.convert("RGB")
         if max_px and max(im.size) > max_px:
             im.thumbnail((max_px, max_px))
         return _png_uri(im)
@@ -131,7 +131,7 @@ def store_thumbnail(store_path: Path, max_px: int = THUMB_PX) -> np.ndarray | No
         mask = st.tissue_mask
     except KeyError:
         return out.astype(np.uint8)
-    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(im.size, Image.NEAREST)) > 0
+    m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(im.size, Image.Resampling.NEAREST)) > 0
     out[m] = 0.75 * out[m] + 0.25 * np.array([40, 200, 60], np.float32)
     edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
     out[edge] = (20, 160, 40)
@@ -222,7 +222,8 @@ class _Page:
     timings: list[dict] = field(default_factory=list)
 
     def fail(self, stage: str, item: str, message: str | None) -> None:
-        self.failures.append({"stage": stage, "item": item, "message": (message or "").splitlines()[0] if message else ""})
+        first = (message or "").splitlines()[0] if message else ""
+        self.failures.append({"stage": stage, "item": item, "message": first})
 
 
 def _tile_section(page: _Page, d: Path) -> None:
@@ -244,7 +245,8 @@ def _tile_section(page: _Page, d: Path) -> None:
             continue
         if t is not None:
             thumbs.append(f'<figure>{_img(_png_uri(t), "thumb tissue", r["slide_id"] + " tissue")}'
-                          f'<figcaption>{html.escape(r["slide_id"])} &middot; {r.get("tiles") or 0} tiles</figcaption></figure>')
+                          f'<figcaption>{html.escape(r["slide_id"])} &middot; {r.get("tiles") or 0} tiles'
+                          '</figcaption></figure>')
     more = f"<p>{len(rows) - MAX_THUMBS} more slides in the table.</p>" if len(rows) > MAX_THUMBS else ""
     page.sections.append(
         f'<section class="tile"><h2>Tiling: {html.escape(str(d))}</h2>'
@@ -289,7 +291,8 @@ def _infer_section(page: _Page, d: Path) -> None:
         if p.is_file():
             thumbs.append(f'<figure>{_img(_file_uri(p, THUMB_PX), "thumb heatmap", r["slide_id"] + " heatmap")}'
                           f'<figcaption>{html.escape(r["slide_id"])} &middot; max {_fmt(_num(r.get("max_prob")))}'
-                          f'{" &middot; " + r["detections"] + " detections" if r.get("detections") else ""}</figcaption></figure>')
+                          f'{" &middot; " + r["detections"] + " detections" if r.get("detections") else ""}'
+                          '</figcaption></figure>')
     cols = [c for c in ("slide_id", "status", "windows", "max_prob", "topk_mean", "positive_fraction",
                         "detections", "proliferation_score", "devices", "seconds", "error")
             if rows and c in rows[0]]

@@ -180,7 +180,8 @@ def _tissue(rng, w: int, h: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
         slack = np.array([cw, ch]) * 0.95 - size
         centre = (np.array([cell % gc + 0.5, cell // gc + 0.5]) * [cw, ch]
                   + rng.uniform(-0.5, 0.5, 2) * slack)
-        f = lambda q: (q - (lo + hi) / 2) / (hi - lo) * size + centre  # noqa: E731
+        def f(q, lo=lo, hi=hi, size=size, centre=centre):
+            return (q - (lo + hi) / 2) / (hi - lo) * size + centre
         out.append((np.round(f(p), 2), f(np.zeros(2))))
     return out
 
@@ -359,7 +360,7 @@ def _textures(seed: int, mpp: float, tile: int, look: _Look = PRESETS["easy"]) -
             layers["tE"] = layers["sE"] * look.tumour_e_scale + rng.normal(0, 0.01, (p, p))
             layers["tH"] = layers["sH"] + look.tumour_h
 
-        def fibro(r):
+        def fibro(r, ang=ang):
             if r.random() < look.lymph_share:  # lymphocyte: small, round, dark
                 return _nucleus(r, 3.5 * um / 2, 3.3 * um / 2, 0, 0.08, 1.5)
             return _nucleus(r, r.uniform(5, 8) * um / 2, r.uniform(1.4, 2.2) * um / 2,
@@ -781,7 +782,8 @@ def write_synthetic_slide(path, width: int = 8192, height: int = 8192, *, seed: 
     pts = _points(rng, n_in, tumour, [], tumour, rr, [])
     pts += _points(rng, n_mitoses - len(pts), tissue, tumour, tissue + tumour, rr, pts)
     mitoses = np.array(pts, dtype=np.float64).reshape(-1, 2)
-    art, mimics, kinds = [], np.zeros((0, 2)), ()
+    art, mimics = [], np.zeros((0, 2))
+    kinds: tuple[str, ...] = ()
     if look.artefacts:
         art = _artefacts(np.random.default_rng([seed, 16]), blobs, width, height)
     if look.mimics_per_mitosis and tissue:

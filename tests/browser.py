@@ -153,7 +153,7 @@ def save(cap: Capture, folder: str | os.PathLike[str], name: str) -> Path:
 def deep_count(selector: str) -> str:
     """JavaScript: how many elements match ``selector``, open shadow roots included."""
     return (
-        "(function f(root){let n=root.querySelectorAll(%s).length;"
+        f"(function f(root){{let n=root.querySelectorAll({json.dumps(selector)}).length;"
         "for(const e of root.querySelectorAll('*')){if(e.shadowRoot){n+=f(e.shadowRoot);}}"
-        "return n;})(document)" % json.dumps(selector)
+        "return n;})(document)"
     )

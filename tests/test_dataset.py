@@ -166,7 +166,7 @@ def test_point_labels_respect_jitter_and_distance(cohort, dask_client):
                 negatives_per_slide=40, classes=("Mitosis",))
     import zarr
 
-    for s, store in enumerate(ds.stores):
+    for store in ds.stores:
         g = zarr.open_group(str(store), mode="r")["datasets/mitosis"]
         truth = load_truth(cohort / "slides" / (store.stem + ".svs"))
         centres, labels = g["centres"][:], g["labels"][:]
@@ -315,7 +315,7 @@ def test_chestxray_folder_becomes_a_multilabel_dataset(tmp_path, dask_client):
     assert len(ds) == 40 and ds.labels.shape == (40, 14)
     import zarr
 
-    for s, store in enumerate(ds.stores):
+    for store in ds.stores:
         g = zarr.open_group(str(store), mode="r")["datasets/cxr"]
         assert g["images"].shape[1:] == (32, 32, 3)
     # every image's multi-hot vector equals its findings ("No Finding" = all zeros)

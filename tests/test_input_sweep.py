@@ -216,7 +216,7 @@ def test_every_bad_input_gets_one_line_and_the_docs_table_is_current():
 
         missing_resource(f"no test data at {DATA}")
     results = sweep()
-    for what, rel, rc, msg, stderr in results:
+    for what, _rel, rc, msg, stderr in results:
         assert "Traceback" not in stderr and "MemoryError" not in stderr, f"{what}\n{stderr}"
         if rc:
             assert msg.startswith("hpcpath: error: ") and len(stderr.strip().splitlines()) == 1, (what, stderr)

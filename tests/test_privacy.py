@@ -80,7 +80,7 @@ def _corpus(root: Path, skip: tuple[Path, ...]):
     for store in sorted(root.rglob("*.zarr")):
         g = zarr.open_group(store, mode="r")
 
-        def walk(group, prefix=""):
+        def walk(group, prefix="", store=store):
             for name, member in group.members():
                 if isinstance(member, zarr.Array):
                     yield f"{store}/{prefix}{name}[decoded]", np.ascontiguousarray(member[...]).tobytes()

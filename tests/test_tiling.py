@@ -173,7 +173,9 @@ def test_rerun_skips_complete_and_redoes_partial(slides_run, dask_client):
     before = {p: p.stat().st_mtime_ns for p in store_dir.rglob("*") if p.is_file()}
     # make tcga partial: drop its marker as a killed run would leave it
     root = zarr.open_group(str(out / "tcga-cr-7395-01a-01-ts1.zarr"), mode="r+")
-    meta = dict(root.attrs["hpcpath"]); meta["complete"] = False; root.attrs["hpcpath"] = meta
+    meta = dict(root.attrs["hpcpath"])
+    meta["complete"] = False
+    root.attrs["hpcpath"] = meta
     ref = open_store(out / "tcga-cr-7395-01a-01-ts1.zarr", require_complete=False).tiles[:]
     src = Path(json.loads((out / MANIFEST_NAME).read_text())["slides"]["cmu-1-small-region"]["source"]).parent
     result = tile_slides([src], out, TileConfig(), client=dask_client)

@@ -109,7 +109,8 @@ def wait_done(env2: dict, job_id: str, log: Path, timeout: float = 420) -> dict:
         j = wait_for(done, timeout, f"job {job_id}", poll=2)
     except AssertionError:
         slurm(env2, "scancel", job_id, check=False)
-        raise AssertionError(f"job {job_id} did not finish:\n" + (log.read_text()[-4000:] if log.exists() else ""))
+        tail = log.read_text()[-4000:] if log.exists() else ""
+        raise AssertionError(f"job {job_id} did not finish:\n{tail}") from None
     assert j["JobState"] == "COMPLETED", f"job {job_id} {j['JobState']}:\n{log.read_text()[-4000:]}"
     return j
 

@@ -4,7 +4,8 @@ An ``Annotation`` is a layer; its class is, in this order: the layer's ``Name``;
 ``Name`` of its first ``Attribute`` whose ``Value`` is empty (MoNuSeg and other exports put
 the class there: ``<Attribute Name="Epithelial" Value=""/>``); else the first non-empty
 attribute ``Value``; else the ``Description`` attribute's value; else unclassified.  The
-``Description`` attribute is ImageScope's default column, so its name is never a class.  Region ``Type``: 0 free-hand/polygon and 1 rectangle are areas; 2 is an
+``Description`` attribute is ImageScope's default column, so its name is never a class.
+Region ``Type``: 0 free-hand/polygon and 1 rectangle are areas; 2 is an
 ellipse given by two bounding-box corners (read as a 64-gon); 3 arrow and 4 ruler are lines
 (skipped with a warning); any other type is read by its vertex count (one vertex: a point,
 three or more: a polygon).  A region that cannot be read (a vertex that is not a number) is
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +53,7 @@ def _label(ann: ET.Element) -> str:
     for n, v in others:
         if n and not v:
             return n
-    for n, v in others:
+    for _n, v in others:
         if v:
             return v
     for n, v in attrs:
@@ -106,7 +108,7 @@ def read_aperio(root: ET.Element, path) -> AnnotationSet:
         for j, reg in enumerate(ann.iterfind("Regions/Region")):
             element = f"{layer} Region {reg.get('Id', j + 1)}"
             try:
-                xy = [(number(v.get("X"), src, f"{element} Vertex {k}", "X"),
+                xy: Any = [(number(v.get("X"), src, f"{element} Vertex {k}", "X"),
                        number(v.get("Y"), src, f"{element} Vertex {k}", "Y"))
                       for k, v in enumerate(reg.iterfind("Vertices/Vertex"))]
             except AnnotationError as exc:
@@ -127,7 +129,7 @@ def read_aperio(root: ET.Element, path) -> AnnotationSet:
                     warn(out.warnings, src, element,
                          f"Type={kind} with {len(xy)} vertices is not an area, skipped")
                     continue
-            region = Region((xy,), label, src, element)
+            region = Region((np.asarray(xy, np.float64).reshape(-1, 2),), label, src, element)
             (negative if reg.get("NegativeROA", "0") == "1" else positive).append(region)
         out.regions += _cut(positive, negative, out.warnings)
     return out

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
+import numpy as np
+
 from hpcpath.annotations._errors import AnnotationError, fail, skip, warn
 from hpcpath.annotations.model import UNCLASSIFIED, AnnotationSet, Point, Region
 
@@ -73,7 +75,7 @@ def read_asap(root: ET.Element, path) -> AnnotationSet:
             skip(out.warnings, exc)
             continue
         if kind.lower() in _AREAS:
-            out.regions.append(Region((xy,), label, src, element))
+            out.regions.append(Region((np.asarray(xy, np.float64).reshape(-1, 2),), label, src, element))
         elif kind.lower() in _POINTS:
             for k, (x, y) in enumerate(xy):
                 where = element if kind.lower() == "dot" else f"{element} point {k}"

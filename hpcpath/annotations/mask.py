@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class MaskAnnotation:
         self.path = Path(path)
         self.base_downsample = float(base_downsample)
         self._fd: int | None = None
-        self._tif = None
+        self._tif: Any = None  # tifffile.TiffFile once open
         levels = self._open()
         w0, h0 = levels[0].imagewidth, levels[0].imagelength
         b = self.base_downsample
@@ -124,9 +125,10 @@ class MaskAnnotation:
               if max(dx, dy) <= downsample * (1 + 1e-9)]
         return ok[-1] if ok else 0
 
-    def _segment(self, page, index: int) -> np.ndarray:
+    def _segment(self, page, index: int) -> np.ndarray | None:
         if page.databytecounts[index] == 0:  # sparse tile: nothing annotated
             return None
+        assert self._fd is not None, "mask file is closed"
         data = os.pread(self._fd, page.databytecounts[index], page.dataoffsets[index])
         arr, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         return arr.reshape(arr.shape[1:3]) if arr.ndim == 4 else arr

@@ -337,15 +337,15 @@ class AnnotationSet:
                 regions.append(r)
                 continue
             shapely = shapely or _shapely()
-            r = _clean(r, sink)
-            if r is None:
+            clean = _clean(r, sink)
+            if clean is None:
                 continue
-            parts = _polygon_parts(_to_shapely(r).intersection(shapely.box(0, 0, width, height)))
+            parts = _polygon_parts(_to_shapely(clean).intersection(shapely.box(0, 0, width, height)))
             if not parts:
-                warn(sink, r.source, r.element, "outside slide bounds, dropped")
+                warn(sink, clean.source, clean.element, "outside slide bounds, dropped")
                 continue
-            warn(sink, r.source, r.element, "clipped to slide bounds")
-            regions.append(_from_shapely(parts, r, r.element))
+            warn(sink, clean.source, clean.element, "clipped to slide bounds")
+            regions.append(_from_shapely(parts, clean, clean.element))
         points = []
         for p in self.points:
             if 0 <= p.x < width and 0 <= p.y < height:

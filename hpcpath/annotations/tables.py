@@ -113,6 +113,8 @@ def _point_rows(path, headerless_order: str, label: str, warnings: list[str]):
     if headerless_order not in ("xy", "yx"):
         raise ValueError("headerless_order must be 'xy' or 'yx'")
     first = rows[0][1]
+    ix: int | None
+    iy: int | None
     if len(first) >= 2 and _is_number(first[0]) and _is_number(first[1]):
         ix, iy = (0, 1) if headerless_order == "xy" else (1, 0)
         header, ig, il = None, None, None
@@ -194,6 +196,7 @@ def read_label_table(path, id_column: str | None = None, label_column: str | Non
         raise fail(src, None, "empty label table")
     first = rows[0][1]
     headerless = id_column is None and label_column is None and _looks_like_data(first, rows[1:])
+    ilab: int | None
     if headerless:
         header, iid, ilab = None, 0, 1
     else:
@@ -222,7 +225,7 @@ def read_label_table(path, id_column: str | None = None, label_column: str | Non
         values[key] = value
     if all(_is_number(v) for v in values.values()):
         return {k: float(v) for k, v in values.items()}
-    return values
+    return dict[str, float | str](values)
 
 
 @dataclass(frozen=True, eq=False)

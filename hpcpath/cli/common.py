@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -45,7 +45,7 @@ def echo_err(message: str) -> None:
 
 
 @contextmanager
-def dask_session(cluster: object, workers: int | None, out_dir: str | Path | None = None,
+def dask_session(cluster: Any, workers: int | None, out_dir: str | Path | None = None,
                  *, lock: str | None = None, lock_name: str | None = None) -> Iterator[Client]:
     """The Dask client a command runs on: the cluster started (or joined), hpcpath's page
     added to its dashboard, the dashboard link (and the ssh tunnel to it) printed, and the

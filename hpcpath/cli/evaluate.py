@@ -72,7 +72,8 @@ def _cuts(value):
 @evaluate.command("detections")
 @click.argument("preds", nargs=-1, required=True, metavar="DETECTIONS_OR_DIR...")
 @click.option("-t", "--truth", "truth", multiple=True, required=True, type=click.Path(),
-              help="Truth point file, folder or quoted glob ('truth/*.csv'; CSV x,y / GeoJSON / XML), matched to slides by file name; repeatable.")
+              help="Truth point file, folder or quoted glob ('truth/*.csv'; CSV x,y / GeoJSON / XML), "
+                   "matched to slides by file name; repeatable.")
 @click.option("--mpp", type=float, help="MPP of slides the run's summary.csv does not list.")
 @click.option("--radius-px", type=float, default=30.0, show_default=True, help="Hit radius at --ref-mpp.")
 @click.option("--ref-mpp", type=float, default=0.25, show_default=True, help="MPP the radius is given at.")
@@ -81,10 +82,13 @@ def _cuts(value):
                    "any: every detection within the radius of a truth is part of one TP, none a FP (deep-histopath).")
 @click.option("--threshold", type=float, help="Score only detections >= this (default: all in the files).")
 @click.option("--class", "classes", multiple=True, help="Truth classes to count (default: every point).")
-@click.option("-l", "--labels", type=click.Path(), help="Slide label table (slide id, proliferation score 1-3): kappa and Spearman of the proliferation scores.")
+@click.option("-l", "--labels", type=click.Path(),
+              help="Slide label table (slide id, proliferation score 1-3): kappa and Spearman of the "
+                   "proliferation scores.")
 @click.option("--cuts", callback=lambda c, p, v: _cuts(v), metavar="LOW,HIGH",
               help="Mitoses per 10 HPF that still score 1 and 2 [6,12].")
-@click.option("-o", "--out", "out_dir", type=click.Path(), help="Folder for metrics.json, proliferation.csv and f1_threshold.png.")
+@click.option("-o", "--out", "out_dir", type=click.Path(),
+              help="Folder for metrics.json, proliferation.csv and f1_threshold.png.")
 def detections(preds, truth, mpp, radius_px, ref_mpp, matching, threshold, classes, labels, cuts, out_dir):
     """Detection files (SLIDE.detections.csv from hpcpath infer) against point truth: F1,
     precision, recall and the best threshold under the TUPAC16 rule (30 px at 0.25 um/px,
@@ -133,7 +137,8 @@ def detections(preds, truth, mpp, radius_px, ref_mpp, matching, threshold, class
 @click.argument("stores", nargs=-1, required=True, metavar="STORE_OR_DIR...")
 @click.option("--name", required=True, help="Predictions name (predictions/<name> in the stores).")
 @click.option("-t", "--truth", "truth", multiple=True, type=click.Path(),
-              help="Truth mask (.tif) or polygon (XML / GeoJSON) file, folder or quoted glob, matched by file name; repeatable. Slides without one are tumour-free.")
+              help="Truth mask (.tif) or polygon (XML / GeoJSON) file, folder or quoted glob, matched by "
+                   "file name; repeatable. Slides without one are tumour-free.")
 @click.option("--class", "classes", multiple=True, help="Positive polygon classes [Tumor].")
 @click.option("--centre-fraction", type=float, default=50 / 80, show_default=True,
               help="A window is positive when truth lies in its central square of this fraction.")
@@ -157,7 +162,8 @@ def heatmaps(stores, name, truth, classes, centre_fraction, slide_score, out_dir
     click.echo(f"slide AUC {_fmt(m['slide_auc'])}" + (f" ({m['slide_auc_why']})" if m["slide_auc"] is None else ""))
     if m["froc"]:
         sens = "  ".join(f"{k}:{v:.3f}" for k, v in m["froc"]["sensitivity"].items())
-        click.echo(f"FROC {_fmt(m['froc']['score'])}  ({m['froc']['lesions']} lesions; sensitivity at FPs/slide {sens})")
+        froc = m["froc"]
+        click.echo(f"FROC {_fmt(froc['score'])}  ({froc['lesions']} lesions; sensitivity at FPs/slide {sens})")
     else:
         click.echo(f"FROC n/a ({m['froc_why']})")
     if out is not None:
@@ -184,7 +190,8 @@ def heatmaps(stores, name, truth, classes, centre_fraction, slide_score, out_dir
 @click.option("-l", "--labels", required=True, type=click.Path(), help="Label table: slide id, label.")
 @click.option("--target", type=click.Choice(["proliferation", "tumor"]), default="proliferation", show_default=True)
 @click.option("--feature", "features", multiple=True, help="Run-table column to use (repeatable; default per target).")
-@click.option("--folds", type=int, default=5, show_default=True, help="Cross-validation folds (at most the smallest class).")
+@click.option("--folds", type=int, default=5, show_default=True,
+              help="Cross-validation folds (at most the smallest class).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", "out_dir", type=click.Path(),
               help="Folder for metrics.json, slide_predictions.csv and slide_classifier.pkl.")

@@ -120,7 +120,8 @@ def train(config, sets, dataset, engine, resume, out, epochs, batch_size, hard_n
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder (RUN/model).")
 @click.option("-o", "--out", "out_file", required=True, type=click.Path(),
               help="Hard-negatives JSON to write; with --annotations, the round's folder.")
-@click.option("--threshold", type=float, default=None, help="Score at or above which a negative (or detection) is hard [mining.threshold].")
+@click.option("--threshold", type=float, default=None,
+              help="Score at or above which a negative (or detection) is hard [mining.threshold].")
 @click.option("-a", "--annotations", multiple=True, type=click.Path(),
               help="Points datasets: the truth files the dataset was built from. Detects over the whole "
                    "train slides and adds the false positives far from every truth as negatives.")
@@ -128,7 +129,8 @@ def train(config, sets, dataset, engine, resume, out, epochs, batch_size, hard_n
 @click.option("--mode", type=click.Choice(["two-stage", "window"]), default="two-stage", show_default=True,
               help="How the slides are searched (hpcpath infer --mode).")
 @click.option("--min-distance-px", type=float, default=None,
-              help="A false positive must be farther than this (level-0 px) from every truth [the dataset's negative distance].")
+              help="A false positive must be farther than this (level-0 px) from every truth "
+                   "[the dataset's negative distance].")
 @click.option("--max-per-slide", type=int, default=None, help="Keep at most the N highest-scored per slide.")
 @click.option("--retrain/--no-retrain", default=True, show_default=True,
               help="Train CONFIG again on the extended dataset into OUT/train (with --annotations).")

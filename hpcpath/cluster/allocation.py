@@ -100,7 +100,7 @@ def choose_address(
     >>> choose_address(None, ifaces, "cn5", ["127.0.1.1"], node="cn5")
     Traceback (most recent call last):
     hpcpath.errors.ClusterError: Slurm's address of cn5 (NodeAddr cn5) is 127.0.1.1, a loopback address other nodes cannot dial; set HPCPATH_INTERFACE to the cluster network's interface (e.g. ib0)
-    """
+    """  # noqa: E501 - doctest output is one line
     hint = "set HPCPATH_INTERFACE to the cluster network's interface (e.g. ib0)"
     if interface:
         if interface not in interfaces:

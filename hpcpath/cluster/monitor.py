@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -158,7 +158,7 @@ def _runs(scheduler: Any) -> list[dict[str, Any]]:
     return sorted(runs.values(), key=lambda r: r.get("started", 0), reverse=True)
 
 
-def render_page(runs: list[Mapping[str, Any]]) -> str:
+def render_page(runs: Sequence[Mapping[str, Any]]) -> str:
     """hpcpath's dashboard page (pure: runs in, self-contained HTML out)."""
     now = time.time()
     rows = []
@@ -167,7 +167,7 @@ def render_page(runs: list[Mapping[str, Any]]) -> str:
         left = max(total - done - failed, 0)
         ended = r.get("finished")
         secs = (ended or now) - r["started"]
-        pct = (lambda n: 100.0 * n / total if total else 0.0)
+        pct = (lambda n, total=total: 100.0 * n / total if total else 0.0)
         bar = (f'<div class="bar"><span class="done" style="width:{pct(done):.1f}%"></span>'
                f'<span class="failed" style="width:{pct(failed):.1f}%"></span></div>')
         status = state = "finished" if ended else "running"

@@ -363,7 +363,7 @@ class SparkSpec(BaseModel):
 
 ClusterSpec = Annotated[LocalSpec | SlurmSpec | SchedulerSpec | SparkSpec, Field(discriminator="backend")]
 _ADAPTER: TypeAdapter[ClusterSpec] = TypeAdapter(ClusterSpec)
-_MODELS: dict[str, type[_Spec]] = {
+_MODELS: dict[str, type[BaseModel]] = {
     "local": LocalSpec,
     "slurm": SlurmSpec,
     "scheduler": SchedulerSpec,

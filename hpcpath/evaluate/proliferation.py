@@ -20,7 +20,7 @@ and the label (TUPAC16's task-2 metric, for a molecular score column).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,15 +56,16 @@ def proliferation_score(count: float, cuts: Sequence[float] = PROLIFERATION_CUTS
     return 1 if count <= lo else 2 if count <= hi else 3
 
 
-def quadratic_kappa(a: Sequence[int], b: Sequence[int], classes: Sequence[int] = (1, 2, 3)) -> float | None:
+def quadratic_kappa(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray,
+                    classes: Sequence[int] = (1, 2, 3)) -> float | None:
     """Cohen's kappa with quadratic weights over ``classes`` (None when undefined: every
     rating the same class on both sides)."""
-    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    cls = sorted(set(classes) | set(a.tolist()) | set(b.tolist()))
+    ra, rb = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    cls = sorted(set(classes) | set(ra.tolist()) | set(rb.tolist()))
     k = len(cls)
     idx = {c: i for i, c in enumerate(cls)}
     obs = np.zeros((k, k))
-    for x, y in zip(a, b):
+    for x, y in zip(ra, rb):
         obs[idx[int(x)], idx[int(y)]] += 1
     n = obs.sum()
     if n == 0:
@@ -75,7 +76,7 @@ def quadratic_kappa(a: Sequence[int], b: Sequence[int], classes: Sequence[int] =
     return None if den == 0 else float(1 - (w * obs).sum() / den)
 
 
-def agreement(counts: dict[str, float], labels: dict[str, Any], cuts: Sequence[float] = PROLIFERATION_CUTS
+def agreement(counts: Mapping[str, float], labels: Mapping[str, Any], cuts: Sequence[float] = PROLIFERATION_CUTS
               ) -> dict[str, Any]:
     """Predicted scores against a label table (slide id -> 1-3, or a number for Spearman
     only): ``slides``, ``kappa_quadratic`` (None with a reason when undefined or the labels

@@ -97,11 +97,11 @@ def _points(path: Path, classes: Sequence[str] | None, with_score: bool) -> np.n
                 raise HpcpathError("malformed detection row (expected x,y,score numbers)", path) from None
             return np.array(pts, np.float64).reshape(-1, 3)
     ann = read_annotations(path)
-    pts = [p for p in ann.points if classes is None or p.label in classes]
+    points = [p for p in ann.points if classes is None or p.label in classes]
     scores = []
     if with_score and path.suffix.lower() in (".json", ".geojson"):
         scores = _geojson_scores(path, classes)
-    xy = np.array([[p.x, p.y] for p in pts], np.float64).reshape(-1, 2)
+    xy = np.array([[p.x, p.y] for p in points], np.float64).reshape(-1, 2)
     if not with_score:
         return xy
     sc = np.asarray(scores, np.float64) if len(scores) == len(xy) else np.ones(len(xy))
@@ -246,7 +246,7 @@ def truth_raster(files: Sequence[Path], dims0: tuple[int, int], downsample: floa
     out = np.zeros((h, w), bool)
     for f in files:
         if Path(f).suffix.lower() in (".tif", ".tiff"):
-            with MaskAnnotation(f, tuple(dims0)) as m:
+            with MaskAnnotation(f, (int(dims0[0]), int(dims0[1]))) as m:
                 out |= m.read_region(origin[0], origin[1], w, h, downsample) > 0
         else:
             a = read_annotations(f).clip(*dims0)

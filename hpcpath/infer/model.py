@@ -64,8 +64,9 @@ def check_worker_gpu(setting: str) -> dict[str, Any]:
         hide_gpus_if_off(setting)
     configure_tensorflow()
     env = dict(os.environ)
-    if task_gpu() is not None and not env.get("CUDA_VISIBLE_DEVICES"):
-        env["CUDA_VISIBLE_DEVICES"] = task_gpu()  # given by the scheduler (Spark), not Slurm
+    given = task_gpu()
+    if given is not None and not env.get("CUDA_VISIBLE_DEVICES"):
+        env["CUDA_VISIBLE_DEVICES"] = given  # given by the scheduler (Spark), not Slurm
     d = decide(setting, gpu_facts(env))
     _DEVICE = d.device
     return {"action": d.action, "device": d.device, "message": d.message, "host": socket.gethostname()}

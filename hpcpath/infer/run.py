@@ -162,7 +162,7 @@ def infer_slides(
     cfg: InferConfig | None = None,
     *,
     client=None,
-    slide_dirs: list[str | os.PathLike] = (),
+    slide_dirs: Sequence[str | os.PathLike] = (),
     failed: Sequence[tuple[str, str]] = (),
     on_event: Callable[[str, dict], None] | None = None,
 ) -> InferResult:
@@ -195,7 +195,7 @@ def infer_slides(
     _claim_output(out, name, model_info)
     summary_path, tasks_path = out / SUMMARY_NAME, out / TASKS_NAME
     table = {r["slide_id"]: r for r in read_table(summary_path)}
-    task_rows = [r for r in read_table(tasks_path)]
+    task_rows: list[dict[str, Any]] = [r for r in read_table(tasks_path)]
     rows: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any], tasks: list[dict] | None = None) -> None:

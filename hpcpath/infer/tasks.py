@@ -196,6 +196,7 @@ def predict_windows(store: str, slide_path: str | None, model_dir: str, name: st
     else:
         from hpcpath.io import open_slide
 
+        assert slide_path is not None, "planned to read the slide, so its path was found"
         slide = open_slide(slide_path, cached=True)
         centres = grid.centres(windows[a:b])
 

@@ -268,7 +268,7 @@ class Slide:
             source_name=self.path.name,
             source_bytes=_source_bytes(self.path),
             vendor=vendor,
-            level_dimensions=tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions),
+            level_dimensions=tuple((int(d[0]), int(d[1])) for d in self._osr.level_dimensions),
             level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
             mpp=mpp,
             mpp_source=mpp_source,

@@ -202,7 +202,8 @@ def create_image_store(path: str | os.PathLike) -> zarr.Group:
 
 def pyramid_levels(image: zarr.Group) -> list[zarr.Array]:
     """The arrays of an OME-NGFF ``image`` group, finest first."""
-    n = len(image.attrs["ome"]["multiscales"][0]["datasets"])  # type: ignore[index,call-overload,arg-type]
+    ome: Any = image.attrs["ome"]
+    n = len(ome["multiscales"][0]["datasets"])
     return [image[str(i)] for i in range(n)]  # type: ignore[misc]
 
 
@@ -279,20 +280,20 @@ class SlideStore:
     @property
     def mask_downsample(self) -> tuple[float, float]:
         """Level-0 px per tissue-mask px (x, y)."""
-        dx, dy = self.root["tissue/mask"].attrs["downsample"]  # type: ignore[misc]
+        dx, dy = np.asarray(self.root["tissue/mask"].attrs["downsample"], float)
         return float(dx), float(dy)
 
     @property
     def index(self) -> np.ndarray:
-        return self.root["tiles/index"][:]
+        return np.asarray(self.root["tiles/index"][:])
 
     @property
     def tissue_fraction(self) -> np.ndarray:
-        return self.root["tiles/tissue_fraction"][:]
+        return np.asarray(self.root["tiles/tissue_fraction"][:])
 
     @property
     def tissue_mask(self) -> np.ndarray:
-        return self.root["tissue/mask"][:].astype(bool)
+        return np.asarray(self.root["tissue/mask"][:]).astype(bool)
 
     @property
     def pyramid(self) -> list[zarr.Array]:

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from hpcpath.files import write_json, write_text
 
@@ -31,7 +32,7 @@ class RunLog:
     def __init__(self, out: Path, enabled: bool, tensorboard: bool = True) -> None:
         self.out, self.enabled = out, enabled
         self.rows: list[dict] = []
-        self._writer = None
+        self._writer: Any = None  # a tf.summary writer when TensorBoard logs are on
         if enabled and tensorboard:
             import tensorflow as tf
 

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,7 +124,8 @@ class LRSchedule:
 
     def base(self, phase: str) -> float:
         o = self.cfg.optimizer
-        lr = self.cfg.fine_tune_learning_rate if phase == "finetune" and self.cfg.fine_tune_learning_rate else o.learning_rate
+        finetune_lr = phase == "finetune" and self.cfg.fine_tune_learning_rate
+        lr = self.cfg.fine_tune_learning_rate if finetune_lr else o.learning_rate
         return lr * self.scale
 
     def lr(self, phase: str, step: int) -> float:
@@ -219,7 +221,7 @@ def _train(cfg, *, resume: bool, engine: Engine | None) -> TrainResult:
 
     ckroot = out / "checkpoints"
     ckpt = latest_checkpoint(ckroot) if resume else None
-    state = read_state(ckpt) if ckpt else {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
+    state: dict[str, Any] = read_state(ckpt) if ckpt else {"epoch": 0, "step_in_epoch": 0, "global_step": 0,
                                            "history": [], "schedule": None, "hard": None}
     if resume and engine.is_chief:
         print(f"hpcpath train: resuming from {ckpt.name} (epoch {state['epoch']}, step "
@@ -259,6 +261,7 @@ def _train(cfg, *, resume: bool, engine: Engine | None) -> TrainResult:
             engine.broadcast(model.variables)
             engine.broadcast(optimizer.variables)
             steps_fns = make_steps(model, optimizer, engine, mixed, cfg.xla)
+        assert steps_fns is not None, "the first epoch sets the phase"
         train_step, eval_step = steps_fns
 
         idx = epoch_items(data.train.labels, cfg.balance, cfg.seed, epoch, hard, cfg.mining.oversample)
@@ -306,7 +309,7 @@ def _train(cfg, *, resume: bool, engine: Engine | None) -> TrainResult:
         local_loss = float(np.mean([float(v) for v in losses])) if losses else float("nan")
         train_loss = float(engine.allreduce_mean(local_loss))
         n_done = (steps - skip) * cfg.batch_size * engine.size
-        row = {"epoch": epoch, "step": global_step, "phase": phase, "lr": lr, "loss": train_loss}
+        row: dict[str, Any] = {"epoch": epoch, "step": global_step, "phase": phase, "lr": lr, "loss": train_loss}
         if data.val is not None:
             metrics = _validate(data, cfg, engine, eval_step)
             row.update(metrics)
@@ -346,6 +349,7 @@ def _state(epoch, step_in_epoch, global_step, phase, schedule, hard, history) ->
 def _validate(data: TrainData, cfg, engine: Engine, eval_step) -> dict:
     """This rank scores its shard of the validation items; predictions are gathered from
     every rank, so every rank computes the same, exact metrics."""
+    assert data.val is not None, "validation runs only with a validation split"
     shard = data.val.shard(engine.rank, engine.size)
     ys, ps, ls = [], [], []
     if len(shard):
@@ -368,7 +372,9 @@ def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict, ranks: li
     from hpcpath.store import read_meta
     from hpcpath.train.models import input_names
 
-    downsample, mpp, ctx = None, None, ()
+    downsample: float | None = None
+    mpp: float | None = None
+    ctx: tuple[float, ...] = ()
     try:
         tiling = read_meta(data.train.stores[0]).tiling
         downsample, mpp = tiling.downsample, tiling.tile_mpp
@@ -386,8 +392,8 @@ def _save_final(model, data: TrainData, cfg, out: Path, metrics: dict, ranks: li
         patch_mpp=mpp, context_downsamples=ctx if multiscale else (),
         inputs=tuple(input_names(data.context_names if multiscale else ())),
         architecture=cfg.model.architecture,
-        extra={"dataset": str(cfg.dataset), "dataset_name": data.train.name, "metrics": {k: v for k, v in metrics.items()
-                                                        if isinstance(v, float) and np.isfinite(v)},
+        extra={"dataset": str(cfg.dataset), "dataset_name": data.train.name,
+               "metrics": {k: v for k, v in metrics.items() if isinstance(v, float) and np.isfinite(v)},
                "trained_on": {"ranks": len(ranks), "hosts": sorted({r["host"] for r in ranks}),
                               "devices": sorted({r["device"] for r in ranks})}},
     )

@@ -167,8 +167,9 @@ def extend_points_dataset(store: str, slide_path: str | None, name: str, new: st
     g = create_dataset(store, new, info)
     arrays = ["labels", "centres", "item_index", "rotation"] + [
         a for a in ("images", *(f"context/{r:g}" for r in info.context_downsamples)) if a in old]
-    extra = {"labels": np.zeros(k, np.uint8), "centres": np.asarray(centres, np.float64).reshape(-1, 2),
-             "item_index": np.full(k, -1, np.int64), "rotation": np.zeros(k, np.int8)}
+    extra: dict[str, np.ndarray] = {
+        "labels": np.zeros(k, np.uint8), "centres": np.asarray(centres, np.float64).reshape(-1, 2),
+        "item_index": np.full(k, -1, np.int64), "rotation": np.zeros(k, np.int8)}
     if k and any(a == "images" or a.startswith("context/") for a in arrays):
         if not slide_path:
             raise HpcpathError("the slide file is needed to read hard-negative patches (pass --slides)", store)
@@ -183,7 +184,7 @@ def extend_points_dataset(store: str, slide_path: str | None, name: str, new: st
                                      for cx, cy in extra["centres"]])
     for a in arrays:
         src = old[a]
-        data = src[:]
+        data = np.asarray(src[:])
         if a in extra:
             data = np.concatenate([data, extra[a].astype(data.dtype).reshape(-1, *data.shape[1:])])
         kw = array_codecs("blosc-lz4") if data.ndim == 4 else {}
@@ -267,9 +268,11 @@ def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, a
         centres, scores = np.zeros((0, 2)), np.zeros(0)
         mined[sid] = scores
         if sid in truths:
-            dist = float(min_distance_px if min_distance_px is not None
-                         else dinfos[sid].min_distance_px)
-            det = open_predictions(st, icfg.name).detections
+            dist_or_none = min_distance_px if min_distance_px is not None else dinfos[sid].min_distance_px
+            if dist_or_none is None:
+                raise HpcpathError(f"datasets/{doc['name']} records no min_distance_px; pass one", st)
+            dist = float(dist_or_none)
+            det = open_predictions(st, str(icfg.name)).detections
             det = det[det[:, 2] >= thr] if len(det) else det.reshape(0, 3)
             truth = truths[sid]
             far = far_false_positives(det, truth, dist)
@@ -299,12 +302,12 @@ def mine_slides(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike, a
     summary = {"manifest": str(new_manifest), "hard_negatives_file": str(out / "hard-negatives.json"),
                "hard_negatives": len(items), "per_slide": per_slide, "model_dir": None}
     if retrain:
-        from hpcpath.train import train
+        from hpcpath.train import train as run_training
 
         cfg2 = cfg.model_copy(update={"dataset": str(new_manifest), "out": str(out / "train"),
                                       "hard_negatives": str(out / "hard-negatives.json")})
         emit("train", {"dataset": str(new_manifest)})
-        result = train(cfg2)
+        result = run_training(cfg2)
         summary["model_dir"] = str(result.model_dir) if result.model_dir else None
     return summary
 
