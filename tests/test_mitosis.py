@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from geojson_check import check_geojson
 
 HPCPATH = [sys.executable, "-m", "hpcpath.cli.main"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # ~7 min on 2 idle cores
@@ -85,7 +86,8 @@ def test_cli_mitosis_path_reaches_f1_08_with_proliferation_and_kappa(points_data
     summary = {r["slide_id"]: r for r in _rows(root / "inf" / "summary.csv")}
     assert set(summary) == set(TEST_MITOSES)
     for sid in TEST_MITOSES:
-        assert (root / "inf" / f"{sid}.detections.geojson").exists()
+        doc = check_geojson(root / "inf" / f"{sid}.detections.geojson")  # RFC 7946 + QuPath's shape
+        assert len(doc["features"]) == int(summary[sid]["detections"])
         assert summary[sid]["proliferation_score"] in ("1", "2", "3")
     # labels: the same TUPAC16 score computed from the planted mitoses (a true count)
     from hpcpath.evaluate.proliferation import mitoses_per_10hpf, proliferation_score
