@@ -38,7 +38,7 @@ def _tile(slides: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 def _squeue(name: str) -> dict[str, str]:
     out = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i %T"], capture_output=True,
-                         text=True, timeout=30).stdout
+                         text=True, timeout=30, check=True).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
@@ -59,7 +59,10 @@ def test_worker_job_at_its_walltime_retires_and_is_replaced(local_slurm, slide, 
     # start of the reference), so that the Slurm run gets about WORK_S of work.
     slides = tmp_path / "slides"
     slides.mkdir()
-    link = lambda i: os.link(slide, slides / f"s{i:03d}.svs")  # noqa: E731 - same pixels, new name
+
+    def link(i: int) -> None:  # the same pixels under a new name: nothing to generate
+        os.link(slide, slides / f"s{i:03d}.svs")
+
     for i in range(3):
         link(i)
     cal = _tile(slides, tmp_path / "ref", "--workers", "1")
