@@ -65,9 +65,15 @@ def task_gpu_address() -> str | None:
 
 
 def _execute(item: tuple) -> tuple[str, Any]:
-    """In a Spark task: one plan or unit; ``("ok", result)`` or ``("error", one line)``."""
-    fn, args, retries, gpu = item
+    """In a Spark task: one plan or unit; ``("ok", result)`` or ``("error", one line)``.
+
+    The task runs in the driver's working folder where this node has it (a shared file
+    system, as for Dask workers), so relative slide and output paths mean the same there."""
+    fn, args, retries, gpu, cwd = item
     from hpcpath.gpu import set_task_gpu
+
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
 
     set_task_gpu(task_gpu_address() if gpu else None)
     try:
@@ -140,7 +146,7 @@ class SparkBackend:
         loop = SlideLoop(plans, expand, finish, on_task)
         sids = list(plans)
         records = self._job(f"hpcpath {stage}: plan {len(sids)} slide(s) -> {label}",
-                            [(fn, args, 0, False) for fn, args in plans.values()])
+                            [(fn, args, 0, False, os.getcwd()) for fn, args in plans.values()])
         units: dict[str, list[Unit]] = {}
         for sid, (status, value) in zip(sids, records):
             if status == "ok":
@@ -166,7 +172,7 @@ class SparkBackend:
             for sid, i in todo:
                 u = units[sid][i]
                 deps = tuple(results[(sid, a)][1] for a in u.after)
-                items.append((u.fn, (*u.args, *deps), u.retries, u.gpu))
+                items.append((u.fn, (*u.args, *deps), u.retries, u.gpu, os.getcwd()))
             kinds = sorted({units[s][i].kind for s, i in todo})
             for (sid, i), rec in zip(todo, self._job(
                     f"hpcpath {stage}: {'+'.join(kinds)} ({len(todo)} tasks) -> {label}", items)):
