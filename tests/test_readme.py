@@ -9,7 +9,7 @@ change must match the README (a change that matches nothing fails the test):
 * ``SMALL``: synthetic slides are made small (exact text -> replacement, each must match
   exactly one line);
 * ``configs/cluster-slurm.yaml`` in the folder is the repository's file sized for the
-  local test Slurm (one 1-core job, no partition; the ``local_slurm`` fixture), so the
+  local test Slurm (two 1-core jobs, no partition; the ``local_slurm`` fixture), so the
   README's ``--cluster configs/cluster-slurm.yaml`` line runs on a real Slurm as written;
   ``configs/train-small-cnn.yaml`` is the repository's with ``epochs: 2``;
 * the user's own inputs the block assumes are made first: a ChestX-ray14-style
@@ -104,7 +104,8 @@ def _workdir(root: Path) -> None:
     for f in (REPO / "configs").iterdir():
         (root / "configs" / f.name).symlink_to(f)
     spec = yaml.safe_load((REPO / "configs" / "cluster-slurm.yaml").read_text())
-    spec.update(jobs=1, cores=1, memory="3GB", walltime="00:20:00", worker_timeout=180)
+    # two 1-core jobs: the local Slurm's two CPUs both work (one job left one idle)
+    spec.update(jobs=2, cores=1, memory="3GB", walltime="00:20:00", worker_timeout=180)
     spec.pop("partition", None)
     (root / "configs" / "cluster-slurm.yaml").unlink()
     (root / "configs" / "cluster-slurm.yaml").write_text(yaml.safe_dump(spec))
