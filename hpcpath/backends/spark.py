@@ -1,8 +1,9 @@
 """The Spark backend: plans and units as Spark tasks, one partition each.
 
-A stage runs as a few Spark jobs: the plans (a partition per slide), then, phase by phase,
-the units of every slide (a partition per unit: a run of whole tile chunks, a pyramid band,
-a block of prediction rows).  Each task writes its own Zarr chunks through the same unit
+A stage runs as a few Spark jobs: the plans, then, phase by phase, the units of every slide
+(a run of whole tile chunks, a pyramid band, a block of prediction rows); each Spark task
+runs a run of whole units (about two tasks per task slot, since launching a Spark task
+costs more than many units take).  Each task writes its own Zarr chunks through the same unit
 functions the Dask backend runs and returns a small record (an int, a plan dict), never
 pixels: nothing goes through ``collect()`` but those records.  Unit functions are
 idempotent and completion markers are written last, so Spark's task retries (a lost
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SparkBackend", "spark_backend", "spark_conf", "task_gpu_address"]
 
+TASKS_PER_SLOT = 2
 _LOCAL = re.compile(r"^local(\[(\*|\d+)(,\s*(\d+))?\])?$")
 _LOG4J = """status = error
 rootLogger.level = {level}
@@ -84,6 +86,12 @@ def _execute(item: tuple) -> tuple[str, Any]:
         set_task_gpu(None)
 
 
+def _execute_all(items) -> Iterator[tuple[str, Any]]:
+    """In a Spark task: its partition's plans or units, one after another."""
+    for item in items:
+        yield _execute(item)
+
+
 def _warm(_: int) -> int:
     """In a Spark task: import what units need, so the first stage does not pay for it."""
     import hpcpath.dataset.build  # noqa: F401
@@ -124,19 +132,23 @@ class SparkBackend:
                             f"({one_line(exc)}): nothing more was marked complete; rerun the "
                             "same command to resume")
 
-    def _job(self, description: str, items: list[tuple]) -> list[tuple[str, Any]]:
-        """Every item as its own partition; their records, in order."""
+    def _job(self, description: str, items: list[tuple], per_item: bool = False) -> list[tuple[str, Any]]:
+        """The items as one Spark job; their records, in order.  Each task runs a run of whole
+        items (at most ``TASKS_PER_SLOT`` tasks per task slot: a Spark task costs ~0.1 s to
+        launch, more than a pyramid band or a run of passthrough chunks takes), or one item
+        with ``per_item``."""
         if not items:
             return []
         self.sc.setJobDescription(description)
+        n = len(items) if per_item else min(len(items), max(1, self._slots() * TASKS_PER_SLOT))
         try:
-            return self.sc.parallelize(items, len(items)).map(_execute).collect()
+            return self.sc.parallelize(items, n).mapPartitions(_execute_all).collect()
         except Exception as exc:  # noqa: BLE001 - a task failed past its retries
             if not self._alive():
                 raise self._lost(exc) from None
             if len(items) == 1:
                 return [("error", f"Spark task failed past its retries: {_spark_reason(exc)}")]
-        return [self._job(description, [it])[0] for it in items]  # isolate the culprit
+        return [self._job(description, [it], per_item=True)[0] for it in items]  # find the culprit
 
     def run(self, plans: dict[str, tuple[Callable, tuple]],
             expand: Callable[[str, dict], list[Unit]],
