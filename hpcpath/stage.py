@@ -16,7 +16,7 @@ from typing import Any
 
 from hpcpath.backends import Outcome, Unit, as_backend, one_line
 
-__all__ = ["Outcome", "Unit", "run_per_slide", "one_line"]
+__all__ = ["Outcome", "Unit", "as_backend", "run_per_slide", "one_line"]
 
 
 def run_per_slide(

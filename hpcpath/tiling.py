@@ -472,7 +472,7 @@ def tile_slides(
     ``client``: where it runs (a backend, Dask client or SparkSession; default: the current
     Dask client; :func:`hpcpath.backends.as_backend`).
     """
-    from hpcpath.backends import as_backend
+    from hpcpath.stage import as_backend
 
     cfg = cfg or TileConfig()
     backend = as_backend(client)

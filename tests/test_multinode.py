@@ -336,8 +336,8 @@ def test_allocation_doctests():
 
 
 def test_contact_address_rules():
-    from hpcpath.cluster.allocation import choose_address
     from hpcpath.errors import ClusterError
+    from hpcpath.netaddr import choose_address
 
     ifaces = {"lo": ["127.0.0.1"], "eth0": ["10.77.0.11"], "ib0": []}
     assert choose_address("eth0", ifaces, "127.0.0.1") == "10.77.0.11"  # interface wins

@@ -169,8 +169,10 @@ class Backend(Protocol):
         """Whether workers advertise GPUs (units with ``gpu=True`` then get one each)."""
         ...
 
-    def check_gpu(self, setting: str) -> list[dict[str, Any]]:
-        """:func:`hpcpath.infer.model.check_worker_gpu` where prediction units will run."""
+    def on_each_slot(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(*args)`` once where each unit could run (every Dask worker, every Spark task
+        slot with its GPU address set), results in a list: how a stage checks its workers
+        (inference's GPU check) without the backend knowing the stage."""
         ...
 
     def wait_for_workers(self, n: int, timeout: float) -> int:

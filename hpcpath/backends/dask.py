@@ -96,14 +96,13 @@ class DaskBackend:
         workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
         return any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values())
 
-    def check_gpu(self, setting: str) -> list[dict[str, Any]]:
-        """The check on every connected worker (each pinned to its worker)."""
-        from hpcpath.infer.model import check_worker_gpu
-
+    def on_each_slot(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(*args)`` on every connected worker (each call pinned to its worker)."""
         client = self.client
         workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
-        futs = [client.submit(check_worker_gpu, setting, workers=[w], allow_other_workers=False,
-                              pure=False, key=f"gpu-check-{i}-{os.getpid()}-{id(client)}")
+        name = getattr(fn, "__name__", "call").replace("_", "-")
+        futs = [client.submit(fn, *args, workers=[w], allow_other_workers=False,
+                              pure=False, key=f"{name}-{i}-{os.getpid()}-{id(client)}")
                 for i, w in enumerate(workers)]
         return client.gather(futs)
 

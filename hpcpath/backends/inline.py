@@ -58,10 +58,8 @@ class InlineBackend:
     def offers_gpus(self) -> bool:
         return False
 
-    def check_gpu(self, setting: str) -> list[dict[str, Any]]:
-        from hpcpath.infer.model import check_worker_gpu
-
-        return [check_worker_gpu(setting)]
+    def on_each_slot(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        return [fn(*args)]
 
     def wait_for_workers(self, n: int, timeout: float) -> int:
         return 1

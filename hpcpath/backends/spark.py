@@ -93,21 +93,22 @@ def _execute_all(items) -> Iterator[tuple[str, Any]]:
 
 
 def _warm(_: int) -> int:
-    """In a Spark task: import what units need, so the first stage does not pay for it."""
-    import hpcpath.dataset.build  # noqa: F401
-    import hpcpath.tiling  # noqa: F401
+    """In a Spark task: import the heavy libraries every unit needs (the stores, the slide
+    readers), so the first stage does not pay for it."""
+    import hpcpath.io  # noqa: F401
+    import hpcpath.store  # noqa: F401
 
     return os.getpid()
 
 
-def _probe_gpu(setting: str) -> dict[str, Any]:
-    """In a Spark task: the GPU check of :func:`hpcpath.infer.model.check_worker_gpu`."""
+def _on_slot(item: tuple[Callable[..., Any], tuple]) -> Any:
+    """In a Spark task: ``fn(*args)`` with the task's GPU address set (see on_each_slot)."""
     from hpcpath.gpu import set_task_gpu
-    from hpcpath.infer.model import check_worker_gpu
 
+    fn, args = item
     set_task_gpu(task_gpu_address())
     try:
-        return check_worker_gpu(setting)
+        return fn(*args)
     finally:
         set_task_gpu(None)
 
@@ -207,11 +208,11 @@ class SparkBackend:
     def offers_gpus(self) -> bool:
         return float(self.sc.getConf().get("spark.task.resource.gpu.amount", "0") or 0) > 0
 
-    def check_gpu(self, setting: str) -> list[dict[str, Any]]:
-        """The check in as many tasks as there are task slots (each with its GPU address)."""
+    def on_each_slot(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(*args)`` in as many tasks as there are task slots (each with its GPU address)."""
         n = max(1, self._slots())
-        self.sc.setJobDescription(f"hpcpath: GPU check ({setting})")
-        return self.sc.parallelize([setting] * n, n).map(_probe_gpu).collect()
+        self.sc.setJobDescription(f"hpcpath: {getattr(fn, '__name__', 'call')} on each slot")
+        return self.sc.parallelize([(fn, args)] * n, n).map(_on_slot).collect()
 
     def executors(self) -> int:
         """Executors registered (local mode: the driver's own, 1)."""

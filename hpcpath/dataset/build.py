@@ -309,8 +309,8 @@ def build_dataset(
 ) -> DatasetBuildResult:
     """Label every store, add context/patch pixels, split, and write the manifest ``out``."""
     from hpcpath.annotations import match_annotations
-    from hpcpath.backends import as_backend
     from hpcpath.labels import split_groups
+    from hpcpath.stage import as_backend
     from hpcpath.store import open_store
 
     cfg = cfg or DatasetConfig()

@@ -74,8 +74,8 @@ def build_image_dataset(
 ) -> Path:
     """Build ``out_dir/<name>.json`` (+ one store per split) from a ChestX-ray14 CSV."""
     from hpcpath.annotations import DEFAULT_CXR14, read_chestxray_csv
-    from hpcpath.backends import as_backend
     from hpcpath.labels import split_groups
+    from hpcpath.stage import as_backend
 
     backend = as_backend(client)
     emit = on_event or (lambda kind, info: None)

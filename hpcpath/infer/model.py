@@ -81,7 +81,7 @@ def check_workers_gpu(backend, setting: str) -> list[dict[str, Any]]:
 
     from hpcpath.errors import ConfigError
 
-    results = backend.check_gpu(setting)
+    results = backend.on_each_slot(check_worker_gpu, setting)
     for r in results:
         if r["action"] == "fail":
             raise ConfigError(f"worker on {r['host']}: {r['message']}")

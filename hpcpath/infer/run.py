@@ -176,8 +176,8 @@ def infer_slides(
     ``<slide_id>.detections.csv`` / ``.geojson``; ``summary.csv`` holds one row per slide,
     ``tasks.csv`` one row per prediction task (where it ran, for how long).
     """
-    from hpcpath.backends import as_backend
     from hpcpath.infer.model import model_digest
+    from hpcpath.stage import as_backend
     from hpcpath.store import open_store
 
     cfg = cfg or InferConfig()

@@ -8,7 +8,7 @@ starts (:func:`slurm_task_env`), takes its Horovod rank from ``SLURM_PROCID`` an
 (``--distribution=block``, Slurm's default), the order Horovod's plan uses.
 
 The rendezvous address that the other nodes dial is the batch node's *contact address*
-(:func:`hpcpath.cluster.allocation.contact_address`, shared with the Dask allocation): the
+(:func:`hpcpath.netaddr.contact_address`, shared with the Dask allocation): the
 address of the interface named by ``HPCPATH_INTERFACE`` (e.g. ib0), else the address Slurm
 has for the node (``NodeAddr``), never ``gethostbyname(gethostname())`` alone (127.0.1.1 on a
 default Debian host, or nothing where names do not resolve).  A failure is one line.
@@ -58,8 +58,8 @@ def _tasks_per_node(n_hosts: int) -> list[int]:
 
 def node_addresses(hosts: list[str]) -> dict[str, str]:
     """The address every node of the job is dialled at: ``NodeAddr`` from Slurm, checked
-    (no loopback across nodes; :func:`hpcpath.cluster.allocation.slurm_node_address`)."""
-    from hpcpath.cluster.allocation import slurm_node_address
+    (no loopback across nodes; :func:`hpcpath.netaddr.slurm_node_address`)."""
+    from hpcpath.netaddr import slurm_node_address
 
     return {h: slurm_node_address(h, multi_node=len(hosts) > 1) for h in hosts}
 
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     n = sum(counts)
     plan = get_host_assignments(parse_hosts(",".join(f"{h}:{c}" for h, c in zip(hosts, counts))), n)
     single = len(hosts) == 1
-    from hpcpath.cluster.allocation import contact_address
     from hpcpath.errors import HpcpathError
+    from hpcpath.netaddr import contact_address
 
     try:
         addr = os.environ.get("HPCPATH_RENDEZVOUS_ADDR") or (
