@@ -286,11 +286,10 @@ class TrainConfig(_Frozen):
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """From a YAML file (top level or under ``train:``), with dotted-key overrides
-        (``{"optimizer.learning_rate": 0.01}``) applied on top."""
+        (``{"optimizer.learning_rate": 0.01}``) applied on top; a None value sets the key to
+        null (``-s balance=null``), so callers pass only the overrides they mean."""
         data, prefix = read_yaml(path, section="train") if path else ({}, "")
         for key, value in (overrides or {}).items():
-            if value is None:
-                continue
             node = data
             *parents, leaf = key.split(".")
             for part in parents:

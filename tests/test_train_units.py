@@ -100,3 +100,13 @@ def test_every_architecture_takes_uint8_and_local_weights(tmp_path):
         build_model(ModelConfig(weights=str(tmp_path / "missing.h5")), 32, 1)
     with pytest.raises(ConfigError, match="at least 75 px"):
         build_model(ModelConfig(architecture="inceptionv3"), 64, 1)
+
+
+def test_set_null_reaches_the_config():
+    """``hpcpath train -s balance=null`` keeps every negative (the key's documented null);
+    flags left unset change nothing."""
+    from hpcpath.cli.train import _overrides
+
+    cfg = TrainConfig.load(None, _overrides(("balance=null",), dataset="d.json", out="o", engine=None))
+    assert cfg.balance is None and cfg.engine == "single"
+    assert TrainConfig.load(None, _overrides((), dataset="d.json", out="o")).balance == 1.0
