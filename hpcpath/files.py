@@ -51,13 +51,14 @@ def atomic_file(path: str | os.PathLike, suffix: str = "", error: str = _ERROR) 
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(error.format(reason=exc.strerror or exc), path) from None
-    finally:
+    finally:  # best effort: on a folder turned read-only even the clean-up fails
         if tmp.is_dir() and not tmp.is_symlink():
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, error: str = _ERROR) -> Path:
