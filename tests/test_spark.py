@@ -145,6 +145,18 @@ def test_inline_backend_runs_units_in_order_and_isolates_failures():
     assert isinstance(as_backend("inline"), InlineBackend)
 
 
+def test_a_spark_slide_task_runs_its_chain_in_order_and_stops_at_a_failure():
+    """What one Spark task does with a whole slide (run on its own: it is a plain function)."""
+    pytest.importorskip("pyspark")
+    from hpcpath.backends.spark import _execute_slides
+
+    chain = [(_count, (1,), (), 0, False), (_count, (2,), (), 0, False), (_count, (10,), (0, 1), 0, False),
+             (_count, (-1,), (), 0, False), (_count, (5,), (3,), 0, False), (_count, (7,), (2,), 0, False)]
+    [recs] = list(_execute_slides([(chain, None)]))
+    bad = ("error", "ValueError: negative")
+    assert recs == [("ok", 1), ("ok", 2), ("ok", 13), bad, bad, ("ok", 20)]
+
+
 def test_without_pyspark_the_error_is_one_line(monkeypatch):
     import builtins
 

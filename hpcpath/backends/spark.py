@@ -1,13 +1,17 @@
 """The Spark backend: plans and units as Spark tasks, one partition each.
 
-A stage runs as a few Spark jobs: the plans, then, phase by phase, the units of every slide
-(a run of whole tile chunks, a pyramid band, a block of prediction rows); each Spark task
-runs a run of whole units (about two tasks per task slot, since launching a Spark task
-costs more than many units take).  Each task writes its own Zarr chunks through the same unit
-functions the Dask backend runs and returns a small record (an int, a plan dict), never
-pixels: nothing goes through ``collect()`` but those records.  Unit functions are
-idempotent and completion markers are written last, so Spark's task retries (a lost
-executor, a killed Python worker) and speculative copies rewrite the same bytes.
+A slide's work is a plan, then units (a run of whole tile chunks, a pyramid band, a block
+of prediction rows).  With at least as many slides as task slots, a Spark task owns a whole
+slide: one task plans it, one runs its units one after another in dependency order, and
+each slide is a driver thread submitting its own two jobs, so slides overlap as on Dask
+(launching a Spark task costs ~0.1 s, more than many units take).  With fewer slides the
+stage runs as a few jobs over all slides: the plans, then the units phase by phase, each
+Spark task a run of whole units (about two tasks per task slot).  Each task writes its own
+Zarr chunks through the same unit functions the Dask backend runs and returns a small
+record (an int, a plan dict), never pixels: nothing goes through ``collect()`` but those
+records.  Unit functions are idempotent and completion markers are written last, so
+Spark's task retries (a lost executor, a killed Python worker) and speculative copies
+rewrite the same bytes.
 
 A unit's exception is caught in its task and comes back as a one-line error for its slide
 (the others go on); only a crash (a killed worker, a segfault) fails the Spark task, which
@@ -26,8 +30,10 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +98,18 @@ def _execute_all(items) -> Iterator[tuple[str, Any]]:
         yield _execute(item)
 
 
+def _execute_slides(items) -> Iterator[list[tuple[str, Any]]]:
+    """In a Spark task: whole slides, each its units in list order (a unit waits only for
+    earlier ones), each unit given its dependencies' results, as the Dask backend would;
+    a unit whose dependency failed fails with it, unrun.  One record per unit."""
+    for units, cwd in items:
+        recs: list[tuple[str, Any]] = []
+        for fn, args, after, retries, gpu in units:
+            bad = [recs[a] for a in after if recs[a][0] != "ok"]
+            recs.append(bad[0] if bad else _execute((fn, (*args, *(recs[a][1] for a in after)), retries, gpu, cwd)))
+        yield recs
+
+
 def _warm(_: int) -> int:
     """In a Spark task: import the heavy libraries every unit needs (the stores, the slide
     readers), so the first stage does not pay for it."""
@@ -133,23 +151,24 @@ class SparkBackend:
                             f"({one_line(exc)}): nothing more was marked complete; rerun the "
                             "same command to resume")
 
-    def _job(self, description: str, items: list[tuple], per_item: bool = False) -> list[tuple[str, Any]]:
+    def _job(self, description: str, items: list[tuple], per_item: bool = False,
+             fn: Callable[[Any], Iterator[Any]] = _execute_all) -> list[Any]:
         """The items as one Spark job; their records, in order.  Each task runs a run of whole
         items (at most ``TASKS_PER_SLOT`` tasks per task slot: a Spark task costs ~0.1 s to
         launch, more than a pyramid band or a run of passthrough chunks takes), or one item
-        with ``per_item``."""
+        with ``per_item``; ``fn`` runs a partition's items (default: plans or units)."""
         if not items:
             return []
         self.sc.setJobDescription(description)
         n = len(items) if per_item else min(len(items), max(1, self._slots() * TASKS_PER_SLOT))
         try:
-            return self.sc.parallelize(items, n).mapPartitions(_execute_all).collect()
+            return self.sc.parallelize(items, n).mapPartitions(fn).collect()
         except Exception as exc:  # noqa: BLE001 - a task failed past its retries
             if not self._alive():
                 raise self._lost(exc) from None
             if len(items) == 1:
                 return [("error", f"Spark task failed past its retries: {_spark_reason(exc)}")]
-        return [self._job(description, [it], per_item=True)[0] for it in items]  # find the culprit
+        return [self._job(description, [it], per_item=True, fn=fn)[0] for it in items]  # find the culprit
 
     def run(self, plans: dict[str, tuple[Callable, tuple]],
             expand: Callable[[str, dict], list[Unit]],
@@ -157,6 +176,9 @@ class SparkBackend:
             stage: str, key: str = "", label: str = "",
             on_task: Callable[[str, str, int], None] | None = None) -> None:
         loop = SlideLoop(plans, expand, finish, on_task)
+        if len(plans) >= self._slots():
+            self._run_slides(stage, label, plans, loop)
+            return
         sids = list(plans)
         records = self._job(f"hpcpath {stage}: plan {len(sids)} slide(s) -> {label}",
                             [(fn, args, 0, False, os.getcwd()) for fn, args in plans.values()])
@@ -193,6 +215,38 @@ class SparkBackend:
                 status, value = rec
                 loop.unit_done(sid, units[sid][i], value if status == "ok" else None,
                                None if status == "ok" else value)
+
+    def _run_slides(self, stage: str, label: str, plans: dict[str, tuple[Callable, tuple]], loop: SlideLoop) -> None:
+        """A Spark task per slide for its plan, then one for its whole unit chain, each slide
+        in a driver thread of its own (``2 x`` task slots at once), so a slide's units start
+        as soon as its plan is in, while other slides plan: no stage-wide barrier.  A retried
+        task reruns the whole chain: its units rewrite the same chunks."""
+        lock = threading.Lock()  # the loop's callbacks (manifest, progress) run one at a time
+        cwd = os.getcwd()
+
+        def one(sid: str) -> None:
+            fn, args = plans[sid]
+            [(status, value)] = self._job(f"hpcpath {stage}: plan {sid} -> {label}",
+                                          [(fn, args, 0, False, cwd)], per_item=True)
+            with lock:
+                units = loop.planned(sid, value) if status == "ok" else loop.planned(sid, error=value)
+            if not units:
+                return
+            phases(units)  # checks that units wait only for earlier ones
+            kinds = "+".join(sorted({u.kind for u in units}))
+            [recs] = self._job(f"hpcpath {stage}: {kinds} of {sid} ({len(units)} units) -> {label}",
+                               [([(u.fn, u.args, u.after, u.retries, u.gpu) for u in units], cwd)],
+                               per_item=True, fn=_execute_slides)
+            if recs[0] == "error":  # the task failed past Spark's retries: the whole slide
+                recs = [recs] * len(units)
+            with lock:
+                for u, (st, val) in zip(units, recs):
+                    loop.unit_done(sid, u, val if st == "ok" else None, None if st == "ok" else val)
+
+        with ThreadPoolExecutor(max_workers=min(len(plans), 2 * max(1, self._slots()))) as pool:
+            futures = [pool.submit(one, sid) for sid in plans]
+        for f in futures:
+            f.result()  # a lost driver or cluster: its one line
 
     # ------------------------------------------------------------------ workers
     def _slots(self) -> int:
