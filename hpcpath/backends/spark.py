@@ -243,10 +243,14 @@ class SparkBackend:
                 for u, (st, val) in zip(units, recs):
                     loop.unit_done(sid, u, val if st == "ok" else None, None if st == "ok" else val)
 
-        with ThreadPoolExecutor(max_workers=min(len(plans), 2 * max(1, self._slots()))) as pool:
-            futures = [pool.submit(one, sid) for sid in plans]
-        for f in futures:
-            f.result()  # a lost driver or cluster: its one line
+        pool = ThreadPoolExecutor(max_workers=min(len(plans), 2 * max(1, self._slots())))
+        try:
+            for f in [pool.submit(one, sid) for sid in plans]:
+                f.result()  # a lost driver or cluster: its one line
+        except BaseException:  # Ctrl-C, a lost cluster: start no more slides and do not wait
+            pool.shutdown(wait=False, cancel_futures=True)  # for running jobs (stopping the
+            raise  # session ends them)
+        pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ workers
     def _slots(self) -> int:
