@@ -407,6 +407,8 @@ def finalize_store(store: str, n_tiles: int, written: int) -> None:
     """Mark the store complete — the last write, and only when every tile is accounted for."""
     if written != n_tiles:
         raise HpcpathError(f"wrote {written} of {n_tiles} tiles; not marking complete", store)
+    for tmp in Path(store).glob("tiles/**/*.tmp"):  # a shard write killed (and retried) midway
+        tmp.unlink(missing_ok=True)
     mark_complete(store)
 
 

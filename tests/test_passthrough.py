@@ -189,3 +189,21 @@ def test_cli_tile_dataset_train_reader_on_a_passthrough_store(synth_slide, tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len((tmp_path / "run" / "history.csv").read_text().strip().splitlines()) == 2
+
+
+def test_a_shard_write_killed_midway_leaves_nothing_in_the_finished_store(synth_slide, tmp_path):
+    """A task killed between writing a shard's temporary file and renaming it (then retried,
+    as Spark and Dask do) leaves ``<shard>.<pid>.tmp``; finishing the store removes it before
+    marking it complete, so the finished store holds the same files as a clean run."""
+    from hpcpath.tiling import finalize_store
+
+    root, _ = tile_here(synth_slide, tmp_path / "auto")
+    store = Path(root.store.root)
+    shard = next(p for p in (store / "tiles" / "images").rglob("*") if p.is_file() and p.name != "zarr.json")
+    left = shard.with_name(shard.name + ".4242.tmp")
+    left.write_bytes(shard.read_bytes()[:100])  # the killed write
+    n = root["tiles/index"].shape[0]
+    finalize_store(str(store), n, n)
+    assert not left.exists()
+    assert not list(store.rglob("*.tmp"))
+    assert zarr.open_group(str(store), mode="r").attrs["hpcpath"].get("complete")
