@@ -34,11 +34,30 @@ JPEG2K_NAME = "hpcpath.jpeg2k"
 CODECS = ("blosc-lz4", "blosc-zstd", "jpeg", "none")
 
 
-@dataclass(frozen=True)
-class JpegCodec(ArrayBytesCodec):
-    """Lossy JPEG for uint8 RGB (or grey) image chunks; last axis is colour."""
+class _ImageCodec(ArrayBytesCodec):
+    """What hpcpath's image codecs share: uint8 only, a data-dependent size, and zarr's async
+    calls served by the subclass's synchronous ``_encode_sync`` / ``_decode_sync``."""
 
     is_fixed_size = False
+
+    def validate(self, *, shape, dtype, chunk_grid) -> None:  # noqa: D401
+        if dtype.to_native_dtype() != np.uint8:
+            raise ValueError(f"{type(self).__name__} needs a uint8 array")
+
+    async def _encode_single(self, chunk_array, chunk_spec):
+        return self._encode_sync(chunk_array, chunk_spec)
+
+    async def _decode_single(self, chunk_bytes, chunk_spec):
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+    def compute_encoded_size(self, input_byte_length: int, _chunk_spec) -> int:
+        raise NotImplementedError(f"{type(self).__name__}: output size is data dependent")
+
+
+@dataclass(frozen=True)
+class JpegCodec(_ImageCodec):
+    """Lossy JPEG for uint8 RGB (or grey) image chunks; last axis is colour."""
+
     quality: int = 90
 
     def __init__(self, *, quality: int = 90) -> None:
@@ -52,10 +71,6 @@ class JpegCodec(ArrayBytesCodec):
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": CODEC_NAME, "configuration": {"quality": self.quality}}
-
-    def validate(self, *, shape, dtype, chunk_grid) -> None:  # noqa: D401
-        if dtype.to_native_dtype() != np.uint8:
-            raise ValueError("JpegCodec needs a uint8 array")
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         import imagecodecs
@@ -72,25 +87,14 @@ class JpegCodec(ArrayBytesCodec):
         arr = image.reshape(chunk_spec.shape)
         return chunk_spec.prototype.nd_buffer.from_numpy_array(arr)
 
-    async def _encode_single(self, chunk_array, chunk_spec):
-        return self._encode_sync(chunk_array, chunk_spec)
-
-    async def _decode_single(self, chunk_bytes, chunk_spec):
-        return self._decode_sync(chunk_bytes, chunk_spec)
-
-    def compute_encoded_size(self, input_byte_length: int, _chunk_spec) -> int:
-        raise NotImplementedError("JPEG output size is data dependent")
-
 
 register_codec(CODEC_NAME, JpegCodec)
 
 
 @dataclass(frozen=True)
-class Jpeg2kCodec(ArrayBytesCodec):
+class Jpeg2kCodec(_ImageCodec):
     """JPEG 2000 codestreams of uint8 RGB tiles (passthrough of Aperio RGB J2K, TIFF
     compression 33005); one tile per chunk.  Encodes losslessly when zarr writes through it."""
-
-    is_fixed_size = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Jpeg2kCodec:
@@ -98,10 +102,6 @@ class Jpeg2kCodec(ArrayBytesCodec):
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": JPEG2K_NAME}
-
-    def validate(self, *, shape, dtype, chunk_grid) -> None:  # noqa: D401
-        if dtype.to_native_dtype() != np.uint8:
-            raise ValueError("Jpeg2kCodec needs a uint8 array")
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         import imagecodecs
@@ -115,15 +115,6 @@ class Jpeg2kCodec(ArrayBytesCodec):
 
         arr = imagecodecs.jpeg2k_decode(chunk_bytes.to_bytes()).reshape(chunk_spec.shape)
         return chunk_spec.prototype.nd_buffer.from_numpy_array(arr)
-
-    async def _encode_single(self, chunk_array, chunk_spec):
-        return self._encode_sync(chunk_array, chunk_spec)
-
-    async def _decode_single(self, chunk_bytes, chunk_spec):
-        return self._decode_sync(chunk_bytes, chunk_spec)
-
-    def compute_encoded_size(self, input_byte_length: int, _chunk_spec) -> int:
-        raise NotImplementedError("JPEG 2000 output size is data dependent")
 
 
 register_codec(JPEG2K_NAME, Jpeg2kCodec)
