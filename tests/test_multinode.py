@@ -51,7 +51,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 # Where and how long a task ran: the only attributes a cluster run may change.
 PROVENANCE = {"cuda_visible_devices", "tf_gpus", "device", "devices", "worker", "host",
-              "slurm_job_id", "seconds", "predict_s", "io_wait_s", "io_wait_fraction"}
+              "slurm_job_id", "seconds", "predict_s", "io_wait_s", "io_wait_fraction",
+              "gpu_address", "pid", "started", "ended"}
 
 
 def _strip(doc):
