@@ -139,6 +139,24 @@ def test_data() -> Path:
     return path
 
 
+def tiny_model(path: Path, patch: int, pool: int, classes: tuple[str, ...], task: str | None = None) -> Path:
+    """A tiny untrained, seeded CNN saved with hpcpath's model contract: for tests whose
+    predictions only need to be reproducible (cluster runs compared with local ones)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    from keras import layers
+
+    from hpcpath.modelio import ModelMeta, save_model
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((patch, patch, 3), dtype="uint8")
+    h = layers.AveragePooling2D(pool)(layers.Rescaling(1 / 255)(inp))
+    h = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, activation="relu")(h))
+    net = keras.Model(inp, layers.Dense(1, activation="sigmoid")(h))
+    meta = ModelMeta(patch_size=patch, classes=classes, task=task or "binary")
+    return save_model(net, path, meta)
+
+
 def cli_dataset(root: Path, n: int, size: str, seed: int) -> Path:
     """A small tumour dataset made the user's way - ``hpcpath synth``, ``tile`` (64-px tiles),
     ``dataset build`` split half train / half val - under ``root``; returns the manifest."""

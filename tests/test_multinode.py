@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_model
 
 from hpcpath.cluster import cluster_client
 from hpcpath.cluster.allocation import _worker_facts
@@ -133,18 +134,7 @@ def local_stores(slides, shared_dir, dask_client):
 @pytest.fixture(scope="module")
 def model(shared_dir):
     """A tiny untrained CNN with the model contract: its outputs only need to be reproducible."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    from keras import layers
-
-    from hpcpath.modelio import ModelMeta, save_model
-
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((256, 256, 3), dtype="uint8")
-    h = layers.AveragePooling2D(8)(layers.Rescaling(1 / 255)(inp))
-    h = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, activation="relu")(h))
-    net = keras.Model(inp, layers.Dense(1, activation="sigmoid")(h))
-    return save_model(net, shared_dir / "model", ModelMeta(patch_size=256, classes=("Tumor",)))
+    return tiny_model(shared_dir / "model", 256, 8, ("Tumor",))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import tiny_model
 
 from hpcpath.backends import Unit, as_backend, phases
 from hpcpath.backends.inline import InlineBackend
@@ -185,18 +185,7 @@ def inputs(tmp_path_factory, test_data):
     root = tmp_path_factory.mktemp("spark")
     proc = run_cli("synth", "-o", root / "slides", "-n", 3, "--size", "4096x4096", "--seed", 11)
     assert proc.returncode == 0, proc.stderr
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-    from keras import layers
-
-    from hpcpath.modelio import ModelMeta, save_model
-
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((64, 64, 3), dtype="uint8")
-    h = layers.AveragePooling2D(4)(layers.Rescaling(1 / 255)(inp))
-    h = layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3, activation="relu")(h))
-    net = keras.Model(inp, layers.Dense(1, activation="sigmoid")(h))
-    save_model(net, root / "model", ModelMeta(patch_size=64, classes=("Mitosis",), task="points"))
+    tiny_model(root / "model", 64, 4, ("Mitosis",), task="points")
     bad = sorted(str(p) for p in (test_data / "bad").iterdir())
     return {"root": root, "slides": root / "slides", "bad": bad, "model": root / "model"}
 
