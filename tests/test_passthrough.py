@@ -129,6 +129,11 @@ def test_synthetic_slide_passthrough_and_never(synth_slide, tmp_path):
     assert images.shards is not None and images.chunks[0] == 1
     index = root["tiles/index"][:]
     assert np.array_equal(images[:], openslide_tiles(synth_slide, index, 256))
+    from hpcpath.store import open_store
+
+    blocks = open_store(tmp_path / "auto" / "slide_000.zarr", require_complete=False).tiles_dask()
+    assert blocks.chunks[0][0] == images.shards[0]  # a dask block per shard file, not per tile
+    assert np.array_equal(blocks.compute(), images[:])
     old, how_never = tile_here(synth_slide, tmp_path / "never", passthrough="never")
     assert how_never == {"kind": "decode", "format": "blosc-lz4", "reason": "--passthrough never"}
     arr = old["tiles/images"]

@@ -305,10 +305,12 @@ class SlideStore:
         return int(self.tiles.shape[0])
 
     def tiles_dask(self):
-        """The tile array as a dask array, one block per Zarr chunk."""
+        """The tile array as a dask array, one block per file: a shard of a passthrough
+        store (one tile per chunk: a block per chunk would be a task per tile), else a chunk."""
         import dask.array as da
 
-        return da.from_zarr(self.tiles)
+        arr = self.tiles
+        return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
 
 
 def open_store(path: str | os.PathLike, *, require_complete: bool = True,
