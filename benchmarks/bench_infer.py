@@ -83,7 +83,9 @@ def _mobilenet(out: Path) -> Path:
                                             architecture="mobilenetv2_0.5"))
 
 
-def prepare(work: Path, size: int, n: int, client) -> dict:
+def prepare(work: Path, size: int, n: int, client, parts: tuple[str, ...] = ("throughput", "detection")) -> dict:
+    """Slides, stores and the models ``parts`` need (the mitosis model only for detection),
+    made once per ``work`` folder; a folder made for another slide size is refused."""
     from hpcpath.config import DatasetConfig, TileConfig
     from hpcpath.dataset import build_dataset
     from hpcpath.synth import make_cohort
@@ -91,7 +93,13 @@ def prepare(work: Path, size: int, n: int, client) -> dict:
 
     done = work / "infer-prepared.json"
     if done.exists():
-        return json.loads(done.read_text())
+        info = json.loads(done.read_text())
+        if (info["size"], info["slides"]) != (size, n):
+            raise SystemExit(f"{work} holds {info['slides']} x {info['size']} px slides; use another --out")
+        if "detection" in parts and "mitosis" not in info["models"]:
+            info["models"]["mitosis"] = str(_fit(work / "inf-mitosis.json", "mitosis", work, client))
+            done.write_text(json.dumps(info))
+        return info
     mitoses = max(40, round(40 * (size / 4096) ** 2))  # the test slides' density
     make_cohort(work / "inf-slides", n=n, width=size, height=size, seed=500, n_mitoses=mitoses)
     make_cohort(work / "inf-train", n=2, width=4096, height=4096, seed=600)
@@ -106,8 +114,9 @@ def prepare(work: Path, size: int, n: int, client) -> dict:
                          DatasetConfig(name="mitosis", rule="points", classes=("Mitosis",), jitter_px=4,
                                        rotations=4, negatives_per_slide=600, split=every), client=client).ok
     models = {"small_cnn": str(_fit(work / "inf-tumor.json", "tumor", work, client)),
-              "mobilenetv2": str(_mobilenet(work / "inf-models" / "mobilenet")),
-              "mitosis": str(_fit(work / "inf-mitosis.json", "mitosis", work, client))}
+              "mobilenetv2": str(_mobilenet(work / "inf-models" / "mobilenet"))}
+    if "detection" in parts:
+        models["mitosis"] = str(_fit(work / "inf-mitosis.json", "mitosis", work, client))
     info = {"size": size, "slides": n, "models": models}
     done.write_text(json.dumps(info))
     return info
@@ -150,6 +159,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="6144 px slides, 2 repeats")
     ap.add_argument("--only", choices=["throughput", "detection"], help="run one part")
+    ap.add_argument("--prepare-only", action="store_true", help="make slides, stores and models, measure nothing")
     args = ap.parse_args()
     if args.quick:
         args.size, args.repeats = 6144, 2
@@ -163,7 +173,10 @@ def main() -> None:
 
     results: dict = {"batch": args.batch, "repeats": args.repeats}
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None, silence_logs=40) as c, Client(c) as cl:
-        info = prepare(work, args.size, args.slides, cl)
+        parts = (args.only,) if args.only else ("throughput", "detection")
+        info = prepare(work, args.size, args.slides, cl, parts)
+        if args.prepare_only:
+            return
         stores = sorted(str(p) for p in (work / "inf-stores").glob("*.zarr"))
         results.update(size=info["size"], slides=len(stores))
         runs = iter(range(10**6))

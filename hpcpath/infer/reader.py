@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -173,7 +173,7 @@ def read_around(slide, centres0: np.ndarray, ds: float, patch: int, halo: int = 
 
 
 def slide_pieces(slide, centres0: np.ndarray, ds: float, patch: int,
-                 context: dict[str, float] | None = None, block_px: int = 2048
+                 context: Mapping[str, float] | None = None, block_px: int = 2048
                  ) -> Iterator[tuple[np.ndarray, dict]]:
     """Patches centred on level-0 ``centres0`` (grid windows), read block by block from the
     slide at ``ds``; with ``context`` ({input name: factor}) also the same centres read

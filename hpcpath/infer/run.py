@@ -29,7 +29,14 @@ from hpcpath.config import NAME_PATTERN, InferConfig
 from hpcpath.errors import HpcpathError, OutputError
 from hpcpath.files import read_table, write_table
 from hpcpath.infer.outputs import SUMMARY_COLUMNS, TASK_COLUMNS
-from hpcpath.infer.tasks import detect_candidates, finish_predictions, output_paths, plan_predictions, predict_windows
+from hpcpath.infer.tasks import (
+    detect_candidates,
+    finish_predictions,
+    output_paths,
+    pack_parts,
+    plan_group,
+    predict_parts,
+)
 from hpcpath.stage import Unit, run_per_slide
 from hpcpath.store import check_output_dir, slide_source
 from hpcpath.store.predictions import open_predictions, predictions_complete
@@ -140,6 +147,37 @@ def _row_from_summary(sid: str, store: Path, name: str, info: dict, seconds: flo
             **{k: v for k, v in s.items() if k in SUMMARY_COLUMNS}}
 
 
+def estimate_windows(meta, mmeta, cfg: InferConfig) -> int:
+    """About how many windows a store gives (its tile count scaled by the stride ratio): only
+    to put small slides together in groups before their plans say exactly."""
+    til = meta.tiling
+    mpp = meta.mpp
+    d = float(mmeta.patch_mpp / mpp) if (mmeta.patch_mpp and mpp) else float(mmeta.patch_downsample or 1.0)
+    tile_step = til.stride * til.downsample
+    step = (cfg.stride or max(1, round(tile_step / d))) * d
+    return max(1, round(til.n_tiles * (tile_step / step) ** 2))
+
+
+def group_slides(sizes: dict[str, int], budget: int, max_slides: int = 64) -> list[list[str]]:
+    """Slides (in order) put together while their windows add up to at most ``budget`` (a
+    task's worth, ``windows_per_task``): one plan task, shared prediction tasks with full
+    batches, for many small slides; a bigger slide is a group of its own.
+
+    >>> group_slides({"a": 686, "b": 686, "c": 20000, "d": 5}, 8192)
+    [['a', 'b'], ['c'], ['d']]
+    """
+    groups: list[list[str]] = []
+    acc = 0
+    for sid, n in sizes.items():
+        if groups and acc + n <= budget and len(groups[-1]) < max_slides:
+            groups[-1].append(sid)
+            acc += n
+        else:
+            groups.append([sid])
+            acc = n
+    return groups
+
+
 def check_model(model_dir: str | os.PathLike, cfg: InferConfig):
     """The model's metadata, or a one-line error: no model folder, unreadable metadata,
     missing weights file, or a mode the model cannot do.  No TensorFlow needed."""
@@ -177,7 +215,7 @@ def infer_slides(
     ``tasks.csv`` one row per prediction task (where it ran, for how long).
     """
     from hpcpath.infer.model import model_digest
-    from hpcpath.stage import as_backend
+    from hpcpath.stage import as_backend, expect_slides
     from hpcpath.store import open_store
 
     cfg = cfg or InferConfig()
@@ -226,7 +264,8 @@ def infer_slides(
         failure(p.stem, f"{p}: a slide, not a slide store: tile it first (hpcpath tile, or "
                         "hpcpath.workflows.infer_inputs)")
     dirs = [Path(d) for d in slide_dirs]
-    plans: dict[str, tuple[Callable, tuple]] = {}
+    todo: dict[str, tuple] = {}  # slide id -> plan_predictions' arguments
+    sizes: dict[str, int] = {}
     by_id: dict[str, Path] = {}
     for st in stores:
         try:
@@ -247,43 +286,79 @@ def infer_slides(
             record(_row_from_summary(sid, st, name, info, 0.0, True),
                    tasks=(info.get("summary") or {}).get("task_records", []))
             continue
-        plans[sid] = (plan_predictions, (str(st), str(src) if src else None, str(model_dir),
-                                         name, cfg, key, model_info))
-    emit("start", {"slides": len(plans) + len(rows), "submitted": len(plans)})
+        todo[sid] = (str(st), str(src) if src else None, str(model_dir), name, cfg, key, model_info)
+        sizes[sid] = estimate_windows(meta, mmeta, cfg)
+    emit("start", {"slides": len(todo) + len(rows), "submitted": len(todo)})
+    # small slides go in groups: one plan task, prediction tasks filled across slides
+    groups = {g[0] if len(g) == 1 else f"{g[0]}+{len(g) - 1}": g
+              for g in group_slides(sizes, cfg.windows_per_task)}
+    plans: dict[str, tuple[Callable, tuple]] = {
+        gid: (plan_group, ([todo[sid] for sid in members],)) for gid, members in groups.items()}
+    planned: dict[str, dict[str, dict]] = {}  # group -> slide id -> its plan
 
     run = f"{key}-{uuid.uuid4().hex[:8]}"  # keys unique per run: never reuse an old result
+    expect_slides(backend, len(plans))  # --cluster auto: where the units run, before asking it about GPUs
     gpu = bool(plans) and _wants_gpu(backend, cfg)
     if plans:  # GPUs used, or one line why not (hpcpath.gpu)
         from hpcpath.infer.model import check_workers_gpu
 
         check_workers_gpu(backend, cfg.gpu)
-    task_fn = predict_windows if cfg.mode == "window" else detect_candidates
+    def expand(gid: str, plan: dict) -> list:
+        """The group's units: prediction tasks over its slides' blocks (window mode: blocks of
+        several slides packed into one task up to ``windows_per_task``), then a finishing
+        unit per slide after the tasks that hold its blocks."""
+        mine = planned[gid] = {}
+        parts, owner = [], []
+        for sid, p in zip(groups[gid], plan["slides"]):
+            mine[sid] = p
+            if "error" in p:
+                continue
+            emit("plan", {"slide_id": sid, "windows": p["n_windows"], "tasks": len(p["blocks"])})
+            for k, (r0, r1) in enumerate(p["blocks"]):
+                parts.append((p["store"], todo[sid][1], k, r0, r1))
+                owner.append((sid, p["block_windows"][k]))
+        if cfg.mode == "window":
+            packed = pack_parts([n for _, n in owner], cfg.windows_per_task)
+            units = [Unit(predict_parts, (tuple(parts[i] for i in idx), str(model_dir), name, cfg),
+                          "windows", ("predict", j, run), retries=1, gpu=gpu) for j, idx in enumerate(packed)]
+        else:  # two-stage: one task per block, as planned
+            packed = [[i] for i in range(len(parts))]
+            units = [Unit(detect_candidates, (store, src, str(model_dir), name, k, r0, r1, cfg),
+                          "windows", ("predict", k, owner[i][0], run), retries=1, gpu=gpu)
+                     for i, (store, src, k, r0, r1) in enumerate(parts)]
+        unit_of = {i: j for j, idx in enumerate(packed) for i in idx}
+        for sid, p in mine.items():
+            if "error" not in p:
+                after = sorted({unit_of[i] for i, (s2, _) in enumerate(owner) if s2 == sid})
+                units.append(Unit(finish_predictions, (p["store"], name, str(out), cfg), "finish",
+                                  ("predict-finish", sid, run), after=tuple(after)))
+        return units
 
-    def expand(sid: str, plan: dict) -> list:
-        emit("plan", {"slide_id": sid, "windows": plan["n_windows"], "tasks": len(plan["blocks"])})
-        src = plans[sid][1][1]
-        units = [Unit(task_fn, (plan["store"], src, str(model_dir), name, k, r0, r1, cfg),
-                      "windows", ("predict", k, run), retries=1, gpu=gpu)
-                 for k, (r0, r1) in enumerate(plan["blocks"])]
-        return units + [Unit(finish_predictions, (plan["store"], name, str(out), cfg), "finish",
-                             ("predict-finish", run), after=tuple(range(len(units))))]
+    def finish(gid: str, o) -> None:
+        """Once per group: each slide's row, from its plan's error, else its predictions'
+        completion marker (a failed shared task fails the slides it held, not the others)."""
+        mine = planned.get(gid, {})
+        for sid in groups[gid]:
+            st = by_id[sid]
+            p = mine.get(sid)
+            err = p["error"] if p and "error" in p else None if p else o.error
+            if err is not None:
+                failure(sid, _with_path(err, st), st, o.seconds)
+                continue
+            try:
+                info = open_predictions(st, name, require_complete=False).info
+            except HpcpathError as exc:
+                failure(sid, str(exc), st, o.seconds)
+                continue
+            if not info.get("complete"):
+                failure(sid, _with_path(o.error or "predictions not complete", st), st, o.seconds)
+                continue
+            record(_row_from_summary(sid, st, name, info, o.seconds, False),
+                   tasks=info["summary"].get("task_records", []))
 
-    def finish(sid: str, o) -> None:
-        st = by_id[sid]
-        if o.error is not None:
-            failure(sid, _with_path(o.error, st), st, o.seconds)
-            return
-        try:
-            info = open_predictions(st, name).info
-        except HpcpathError as exc:
-            failure(sid, str(exc), st, o.seconds)
-            return
-        record(_row_from_summary(sid, st, name, info, o.seconds, False),
-               tasks=info["summary"].get("task_records", []))
-
-    def on_task(sid: str, kind: str, n: int) -> None:
+    def on_task(gid: str, kind: str, n: int) -> None:
         if kind == "windows":
-            emit("windows", {"slide_id": sid, "n": n})
+            emit("windows", {"slide_id": gid, "n": n})
 
     run_per_slide(backend, plans, expand, finish, stage="predict", key=run, label=str(out), on_task=on_task)
     return InferResult(out, name, rows, summary_path, tasks_path)

@@ -36,8 +36,8 @@ from hpcpath.store.predictions import (
     write_task,
 )
 
-__all__ = ["plan_predictions", "predict_windows", "detect_candidates", "finish_predictions",
-           "output_paths"]
+__all__ = ["plan_predictions", "plan_group", "pack_parts", "predict_parts", "predict_windows",
+           "detect_candidates", "finish_predictions", "output_paths"]
 
 
 
@@ -133,8 +133,45 @@ def _plan(store, slide_path, model_dir, name, cfg, params_key, model_info):
     )
     heat_shape = (lm.n_outputs, grid.rows, grid.cols) if cfg.mode == "window" else None
     create_group(store, name, info, windows, heat_shape, chunk_rows)
+    edges = np.searchsorted(windows[:, 0], [r for b in blocks for r in b]).reshape(-1, 2)
     return {"slide_id": info.slide_id, "store": store, "blocks": blocks,
+            "block_windows": [int(b - a) for a, b in edges],
             "n_windows": int(len(windows)), "source": source}
+
+
+def plan_group(items: list[tuple]) -> dict[str, Any]:
+    """Worker task: :func:`plan_predictions` for each slide of a group (``items``: its
+    argument tuples), one task and one scheduler round trip for many small slides.  Returns
+    ``{"slides": [plan, ...]}`` in ``items`` order; a slide's problem is its own entry's
+    ``{"error": ...}`` (any exception, as one line), never the group's."""
+    from hpcpath.stage import one_line
+
+    out = []
+    for args in items:
+        try:
+            out.append(plan_predictions(*args))
+        except Exception as exc:  # noqa: BLE001 - fails this slide only
+            out.append({"error": one_line(exc)})
+    return {"slides": out}
+
+
+def pack_parts(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive parts (blocks of one or several slides, ``sizes`` windows each) packed into
+    units of at most ``budget`` windows (a bigger part is a unit of its own).
+
+    >>> pack_parts([686, 686, 9000, 100, 50], 8192)
+    [[0, 1], [2], [3, 4]]
+    """
+    units: list[list[int]] = []
+    acc = 0
+    for i, n in enumerate(sizes):
+        if units and acc + n <= budget:
+            units[-1].append(i)
+            acc += n
+        else:
+            units.append([i])
+            acc = n
+    return units
 
 
 # ----------------------------------------------------------------------------- region tasks
@@ -181,43 +218,71 @@ def _task_context(store: str, name: str, model_dir: str, r0: int, r1: int):
 
 def predict_windows(store: str, slide_path: str | None, model_dir: str, name: str, k: int,
                     r0: int, r1: int, cfg: InferConfig) -> int:
-    """Worker task: every window in grid rows [r0, r1); writes those heatmap rows (whole
-    chunks) and its record.  Returns the number of windows."""
-    from hpcpath.infer.reader import Prefetcher, rebatch, slide_pieces, tile_pieces
+    """Worker task: every window in grid rows [r0, r1) of one slide (:func:`predict_parts`
+    with one part).  Returns the number of windows."""
+    return predict_parts(((store, slide_path, k, r0, r1),), model_dir, name, cfg)
 
-    t0 = time.perf_counter()
-    g, info, grid, windows, a, b, lm = _task_context(store, name, model_dir, r0, r1)
-    batch = cfg.batch_size
+
+def _part_pieces(i: int, store: str, slide_path: str | None, info: PredictionsMeta,
+                 windows: np.ndarray, a: int, b: int):
+    """Part ``i``'s windows ``a:b`` as reader pieces whose keys are ``(i, window index)``."""
+    from hpcpath.infer.reader import slide_pieces, tile_pieces
+
     if info.source == "tiles":
-        images = open_store(store).tiles
-
-        def make():
-            return rebatch(tile_pieces(images, a, b), batch)
+        pieces = tile_pieces(open_store(store).tiles, a, b)
     else:
         from hpcpath.io import open_slide
 
         assert slide_path is not None, "planned to read the slide, so its path was found"
-        slide = open_slide(slide_path, cached=True)
-        centres = grid.centres(windows[a:b])
+        grid = info.grid
+        pieces = ((idx + a, arrays) for idx, arrays in
+                  slide_pieces(open_slide(slide_path, cached=True), grid.centres(windows[a:b]),
+                               grid.downsample, grid.patch, info.context))
+    for idx, arrays in pieces:
+        yield np.stack([np.full(len(idx), i, np.int64), np.asarray(idx, np.int64)], 1), arrays
 
-        def make():
-            pieces = ((idx + a, arrays) for idx, arrays in
-                      slide_pieces(slide, centres, grid.downsample, grid.patch, info.context))
-            return rebatch(pieces, batch)
 
-    out = np.full((lm.n_outputs, r1 - r0, grid.cols), np.nan, np.float32)
+def predict_parts(parts: tuple[tuple, ...], model_dir: str, name: str, cfg: InferConfig) -> int:
+    """Worker task: the windows of one or more *parts* -- ``(store, slide_path, k, r0, r1)``,
+    grid rows [r0, r1) of a slide, its task ``k`` -- read one after another into the same
+    fixed-size batches, so many small slides fill whole batches in one task.  Each part's
+    heatmap rows (whole chunks, planned as that slide's block ``k``) and record are written
+    to its own slide only; a rerun rewrites the same bytes.  Returns the number of windows."""
+    from hpcpath.infer.reader import Prefetcher, rebatch
+
+    t0 = time.perf_counter()
+    ctx = [_task_context(store, name, model_dir, r0, r1) for store, _, _, r0, r1 in parts]
+    lm = ctx[0][-1]
+    batch = cfg.batch_size
+
+    def make():
+        return rebatch((piece for i, ((store, src, *_), (g, info, grid, windows, a, b, _)) in
+                        enumerate(zip(parts, ctx))
+                        for piece in _part_pieces(i, store, src, info, windows, a, b)), batch)
+
+    outs = [np.full((lm.n_outputs, r1 - r0, c[2].cols), np.nan, np.float32)
+            for (_, _, _, r0, r1), c in zip(parts, ctx)]
     predict_s = 0.0
     with Prefetcher(make, cfg.prefetch) as pf:
         for keys, arrays in pf:
             t = time.perf_counter()
             scores = lm.predict(arrays, batch, cfg.tta, xla=cfg.xla, mixed=cfg.mixed_precision)
             predict_s += time.perf_counter() - t
-            w = windows[keys]
-            out[:, w[:, 0] - r0, w[:, 1]] = scores.T
+            # keys are sorted by part (parts are read in order): split the batch at part edges
+            cuts = np.flatnonzero(np.diff(keys[:, 0])) + 1
+            for ks, sc in zip(np.split(keys, cuts), np.split(scores, cuts)):
+                i = int(ks[0, 0])
+                w = ctx[i][3][ks[:, 1]]
+                outs[i][:, w[:, 0] - parts[i][3], w[:, 1]] = sc.T
         wait = pf.wait_s
-    g["heatmap"][:, r0:r1, :] = out
-    write_task(g, k, _record(k, r0, r1, b - a, t0, predict_s, wait))
-    return b - a
+    total = sum(c[5] - c[4] for c in ctx) or 1
+    for (_, _, k, r0, r1), (g, *_, a, b, _), out in zip(parts, ctx, outs):
+        g["heatmap"][:, r0:r1, :] = out
+        share = (b - a) / total  # a shared task's time, split by windows
+        rec = _record(k, r0, r1, b - a, t0, predict_s * share, wait * share)
+        rec["seconds"] = round(rec["seconds"] * share, 4)
+        write_task(g, k, rec)
+    return sum(c[5] - c[4] for c in ctx)
 
 
 def detect_candidates(store: str, slide_path: str, model_dir: str, name: str, k: int,
