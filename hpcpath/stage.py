@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hpcpath.backends import Outcome, Unit, as_backend, one_line
+from hpcpath.backends import Outcome, Unit, as_backend, expect_slides, one_line
 
-__all__ = ["Outcome", "Unit", "as_backend", "run_per_slide", "one_line"]
+__all__ = ["Outcome", "Unit", "as_backend", "expect_slides", "run_per_slide", "one_line"]
 
 
 def run_per_slide(

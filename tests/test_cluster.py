@@ -50,7 +50,8 @@ def test_parse_strings() -> None:
     assert parse_cluster_spec(" slurm ") == SlurmSpec(backend="slurm")
     spec = parse_cluster_spec("tcp://10.1.2.3:8786")
     assert isinstance(spec, SchedulerSpec) and spec.address == "tcp://10.1.2.3:8786"
-    assert parse_cluster_spec(None) == LocalSpec()
+    assert parse_cluster_spec(None) == LocalSpec(backend="auto")  # one slide inline, more: a LocalCluster
+    assert parse_cluster_spec("auto") == LocalSpec(backend="auto")
     assert parse_cluster_spec(spec) is spec
 
 
@@ -67,7 +68,7 @@ def test_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(ENV_VAR, str(path))
     assert parse_cluster_spec(None) == SlurmSpec(backend="slurm", jobs=3)
     monkeypatch.setenv(ENV_VAR, "")
-    assert parse_cluster_spec(None) == LocalSpec()
+    assert parse_cluster_spec(None) == LocalSpec(backend="auto")
     monkeypatch.setenv(ENV_VAR, "nonsense")
     with pytest.raises(ConfigError, match=rf"^\${ENV_VAR}: 'nonsense'"):
         parse_cluster_spec(None)

@@ -8,7 +8,9 @@ per slide, units per planned slide, a finish on the driver (:mod:`hpcpath.backen
   Slurm workers, a running scheduler);
 - :class:`~hpcpath.backends.spark.SparkBackend`: a ``SparkSession`` (``local[N]``, a
   standalone ``spark://`` master, YARN);
-- :class:`~hpcpath.backends.inline.InlineBackend`: this process, one unit after another.
+- :class:`~hpcpath.backends.inline.InlineBackend`: this process, a thread per core;
+- :class:`~hpcpath.backends.auto.AutoBackend`: ``--cluster auto``, the default: a single
+  slide in this process, a LocalCluster started for more.
 
 :func:`as_backend` turns what a caller has (a backend, a Dask client, a SparkSession or
 nothing: the default Dask client) into one; :func:`open_backend` starts the one a cluster
@@ -23,7 +25,17 @@ from typing import Any
 
 from hpcpath.backends.base import Backend, Outcome, SlideLoop, Unit, one_line, phases
 
-__all__ = ["Backend", "Outcome", "SlideLoop", "Unit", "as_backend", "one_line", "open_backend", "phases"]
+
+def expect_slides(backend: Any, n_slides: int) -> None:
+    """Tell a backend that chooses where to run (``auto``) how many slides the next run has;
+    a stage calls it before asking the backend about its workers (inference's GPU check)."""
+    expect = getattr(backend, "expect", None)
+    if expect is not None:
+        expect(n_slides)
+
+
+__all__ = ["Backend", "Outcome", "SlideLoop", "Unit", "as_backend", "expect_slides", "one_line",
+           "open_backend", "phases"]
 
 
 def as_backend(obj: Any = None) -> Backend:

@@ -21,20 +21,21 @@ def cluster_options(f=None, *, spark: bool = False):
         return lambda g: cluster_options(g, spark=spark)
     f = click.option(
         "--workers", type=int, default=None,
-        help="Number of local workers (default: one per core)"
+        help="Number of local workers (default: one per core; given, a LocalCluster always starts)"
              + ("; with --cluster spark the N of local[N]." if spark else "."),
     )(f)
     if spark:
         f = click.option(
             "--cluster", default=None,
-            metavar="local|slurm|FILE.yaml|tcp://ADDR|spark|local[N]|spark://HOST:PORT",
+            metavar="auto|local|slurm|FILE.yaml|tcp://ADDR|spark|local[N]|spark://HOST:PORT",
             help="Where it runs: Dask (local, slurm, a scheduler address) or Spark (spark = "
                  "local[N], a standalone master, or a YAML spec with backend: spark) "
-                 "(default: $HPCPATH_CLUSTER or a Dask LocalCluster).",
+                 "(default: $HPCPATH_CLUSTER, else auto: one slide in this process, more on a "
+                 "Dask LocalCluster).",
         )(f)
     else:
         f = click.option(
-            "--cluster", default=None, metavar="local|slurm|FILE.yaml|tcp://ADDR",
+            "--cluster", default=None, metavar="auto|local|slurm|FILE.yaml|tcp://ADDR",
             help="Where Dask runs (default: $HPCPATH_CLUSTER or a LocalCluster).",
         )(f)
     return f
@@ -42,6 +43,15 @@ def cluster_options(f=None, *, spark: bool = False):
 
 def echo_err(message: str) -> None:
     click.echo(message, err=True)
+
+
+def _lock_output(stack: ExitStack, out_dir: str | Path | None, lock: str | None, lock_name: str | None) -> None:
+    """``OUT`` checked writable and locked for the command, before any cluster starts."""
+    if lock and out_dir is not None:
+        from hpcpath.runlock import LOCK_NAME, run_lock
+        from hpcpath.store import check_output_dir
+
+        stack.enter_context(run_lock(check_output_dir(out_dir), f"hpcpath {lock}", lock_name or LOCK_NAME))
 
 
 @contextmanager
@@ -59,12 +69,7 @@ def dask_session(cluster: Any, workers: int | None, out_dir: str | Path | None =
 
     spec = parse_cluster_spec(cluster)
     with ExitStack() as stack:
-        if lock and out_dir is not None:
-            from hpcpath.runlock import LOCK_NAME, run_lock
-            from hpcpath.store import check_output_dir
-
-            stack.enter_context(run_lock(check_output_dir(out_dir), f"hpcpath {lock}",
-                                         lock_name or LOCK_NAME))
+        _lock_output(stack, out_dir, lock, lock_name)
         client = stack.enter_context(cluster_client(spec, n_workers_override=workers))
         if out_dir is not None:
             install_worker_log(client, Path(out_dir) / LOG_FOLDER)
@@ -77,12 +82,25 @@ def dask_session(cluster: Any, workers: int | None, out_dir: str | Path | None =
 @contextmanager
 def backend_session(cluster: Any, workers: int | None, out_dir: str | Path | None = None,
                     *, lock: str | None = None, lock_name: str | None = None) -> Iterator[Backend]:
-    """The backend a stage command runs on: :func:`dask_session` wrapped as a Dask backend,
-    or a Spark session (``--cluster spark``, ``local[N]``, ``spark://...``, a YAML spec with
-    ``backend: spark``) with the Spark UI link printed.  Locking as in :func:`dask_session`."""
+    """The backend a stage command runs on (tile, dataset build, infer: the one place they get
+    it): with ``auto`` (the default) and no ``--workers``, an
+    :class:`~hpcpath.backends.auto.AutoBackend` that runs a single slide in this process and
+    starts :func:`dask_session`'s LocalCluster only for more; else :func:`dask_session`
+    wrapped as a Dask backend, or a Spark session (``--cluster spark``, ``local[N]``,
+    ``spark://...``, a YAML spec with ``backend: spark``) with the Spark UI link printed.
+    Locking as in :func:`dask_session`."""
     from hpcpath.cluster import parse_cluster_spec
 
     spec = parse_cluster_spec(cluster)
+    if spec.backend == "auto" and workers is None:
+        from hpcpath.backends.auto import AutoBackend
+        from hpcpath.backends.dask import DaskBackend
+
+        with ExitStack() as stack:
+            _lock_output(stack, out_dir, lock, lock_name)
+            yield AutoBackend(lambda: DaskBackend(stack.enter_context(dask_session(spec, None, out_dir))),
+                              say=lambda line: echo_err(f"hpcpath: {line}"))
+        return
     if spec.backend != "spark":
         from hpcpath.backends.dask import DaskBackend
 
@@ -96,12 +114,7 @@ def backend_session(cluster: Any, workers: int | None, out_dir: str | Path | Non
 
         raise ConfigError(f"the number of workers must be at least 1, got {workers}")
     with ExitStack() as stack:
-        if lock and out_dir is not None:
-            from hpcpath.runlock import LOCK_NAME, run_lock
-            from hpcpath.store import check_output_dir
-
-            stack.enter_context(run_lock(check_output_dir(out_dir), f"hpcpath {lock}",
-                                         lock_name or LOCK_NAME))
+        _lock_output(stack, out_dir, lock, lock_name)
         log = None
         if out_dir is not None:
             from hpcpath.cluster.monitor import LOG_FOLDER

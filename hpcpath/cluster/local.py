@@ -1,4 +1,5 @@
-"""The local backend: a ``distributed.LocalCluster`` of worker processes, bound to 127.0.0.1."""
+"""The local backend: a ``distributed.LocalCluster`` of worker processes, bound to 127.0.0.1,
+each pinned to its own cores (:mod:`hpcpath.cluster.pinning`) unless ``pin_workers: false``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,22 @@ from hpcpath.errors import ConfigError
 if TYPE_CHECKING:
     from distributed.deploy import Cluster
 
-__all__ = ["local_cluster"]
+__all__ = ["local_cluster", "worker_pinning"]
+
+
+def worker_pinning(spec: LocalSpec, n_workers: int) -> dict:
+    """LocalCluster keyword arguments that pin each worker to its own cores and size its
+    thread pools to them (empty when ``pin_workers`` is off or affinity is not supported)."""
+    import os
+
+    from hpcpath.cluster.pinning import CORES_VAR, available_cores, core_sets, thread_env
+
+    if not spec.pin_workers or not hasattr(os, "sched_setaffinity"):
+        return {}
+    sets = core_sets(available_cores(), n_workers, spec.cores_per_worker)
+    env = thread_env(max(1, min(len(s) for s in sets) // spec.threads_per_worker))
+    env[CORES_VAR] = ";".join(",".join(map(str, s)) for s in sets)
+    return {"preload": ["hpcpath.cluster.pinning"], "env": env}
 
 
 def local_cluster(spec: LocalSpec, n_workers: int | None) -> Cluster:
@@ -22,9 +38,11 @@ def local_cluster(spec: LocalSpec, n_workers: int | None) -> Cluster:
     from hpcpath.cluster.tls import cluster_security
 
     security = cluster_security(spec)
+    n = n_workers or spec.n_workers or CPU_COUNT
     try:
         return LocalCluster(
-            n_workers=n_workers or spec.n_workers or CPU_COUNT,
+            n_workers=n,
+            **worker_pinning(spec, n),
             **({"security": security, "protocol": "tls://"} if security else {}),
             threads_per_worker=spec.threads_per_worker,
             processes=True,

@@ -111,11 +111,20 @@ class _Spec(BaseModel):
 
 
 class LocalSpec(_Spec):
-    """Worker processes on this machine (``distributed.LocalCluster``)."""
+    """Worker processes on this machine (``distributed.LocalCluster``).
 
-    backend: Literal["local"] = "local"
+    ``backend: auto`` (the default when nothing is given) is the same cluster, started only
+    when a run has more than one slide: a single slide runs in the calling process
+    (:class:`hpcpath.backends.auto.AutoBackend`), with no cluster start-up to pay."""
+
+    backend: Literal["local", "auto"] = "local"
     n_workers: int | None = Field(None, ge=1, description="default: one per core")
     threads_per_worker: int = Field(1, ge=1)
+    pin_workers: bool = Field(
+        True, description="pin each worker process to its own cores (os.sched_setaffinity), cores "
+        "split evenly, and size its thread pools (BLAS, Blosc, TensorFlow) to them")
+    cores_per_worker: int | None = Field(
+        None, ge=1, description="cores each pinned worker gets; default: the cores split evenly")
     memory_limit: str = Field("auto", description="per worker: 'auto' (share of RAM) or a size")
     dashboard_address: str = "127.0.0.1:0"
     worker_timeout: float = Field(60.0, gt=0, description="seconds to wait for the first worker")
@@ -368,6 +377,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "slurm": SlurmSpec,
     "scheduler": SchedulerSpec,
     "spark": SparkSpec,
+    "auto": LocalSpec,
 }
 
 
@@ -377,10 +387,10 @@ _MODELS: dict[str, type[BaseModel]] = {
 def parse_cluster_spec(
     value: ClusterSpec | str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> ClusterSpec:
-    """Resolve ``value`` (or, when None, ``$HPCPATH_CLUSTER``, else local defaults) to a spec.
+    """Resolve ``value`` (or, when None, ``$HPCPATH_CLUSTER``, else ``auto``) to a spec.
 
-    >>> parse_cluster_spec("local").backend
-    'local'
+    >>> parse_cluster_spec("local").backend, parse_cluster_spec("auto").backend
+    ('local', 'auto')
     >>> parse_cluster_spec("tcp://10.0.0.5:8786").address
     'tcp://10.0.0.5:8786'
     >>> parse_cluster_spec({"backend": "slurm", "gpus_per_job": 2}).worker_processes
@@ -394,7 +404,7 @@ def parse_cluster_spec(
     if value is None:
         value = os.environ.get(ENV_VAR, "").strip() or None
         if value is None:
-            return LocalSpec()
+            return LocalSpec(backend="auto")
         source = f"${ENV_VAR}"
     if isinstance(value, Mapping):
         return _validate(value, None, "")
@@ -405,8 +415,8 @@ def parse_cluster_spec(
             f"{source}: expected a string, a path or a mapping, got {type(value).__name__}"
         )
     text = value.strip()
-    if text == "local":
-        return LocalSpec()
+    if text in ("local", "auto"):
+        return LocalSpec(backend=text)
     if text == "slurm":
         return SlurmSpec(backend="slurm")
     if text == "spark":
@@ -420,7 +430,7 @@ def parse_cluster_spec(
         return _from_file(path)
     raise ConfigError(
         f"{source}: {value!r} is not 'local', 'slurm', a scheduler address (tcp://host:port), "
-        "'spark', a Spark master (local[N], spark://host:port) or a YAML file"
+        "'spark', a Spark master (local[N], spark://host:port), 'auto' or a YAML file"
     )
 
 
