@@ -89,7 +89,7 @@ def _png_uri(img) -> str:
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
+    img.save(buf, format="PNG", compress_level=6)  # optimize=True: ~6x the time for 2% fewer bytes
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
