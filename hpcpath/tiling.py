@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.runlock import run_lock
 from hpcpath.stage import Unit, one_line, run_per_slide
 from hpcpath.store import (
+    MASK_CHUNK,
     StoreMeta,
     TilingMeta,
     TissueMeta,
@@ -43,19 +45,21 @@ from hpcpath.store import (
     create_slide_store,
     is_complete,
     mark_complete,
+    mask_scratch,
     open_group,
     open_store,
     pyramid_levels,
     remove_store,
     store_path,
 )
-from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
+from hpcpath.tissue import box_pixels, threshold_blocked, tile_tissue_fraction, tissue_channel
 
 __all__ = ["TileGeometry", "tile_geometry", "tile_grid", "tile_slides", "RunResult"]
 
 _PYRAMID_CHUNK = 1024
 _PYRAMID_MIN = 512
-_MASK_BLOCK = 2048
+_MASK_BLOCK = MASK_CHUNK  # tissue-mask px per block side (blockwise detection, store chunks)
+_MASK_READ = 4096 * 4096  # slide-level px per read while building the tissue channel
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -121,17 +125,24 @@ def tile_geometry(info: SlideInfo, cfg: TileConfig) -> TileGeometry:
     )
 
 
-def tile_grid(geom: TileGeometry) -> tuple[np.ndarray, np.ndarray]:
+def grid_shape(geom: TileGeometry) -> tuple[int, int]:
+    """(rows, columns) of whole tiles in the grid."""
+    wo, ho = geom.out_dims
+    t, s = geom.tile_size, geom.stride
+    return ((ho - t) // s + 1 if ho >= t else 0), ((wo - t) // s + 1 if wo >= t else 0)
+
+
+def tile_grid(geom: TileGeometry, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every whole tile of the grid, row-major: (index (n, 5) int64, boxes (n, 4) float64).
 
     index columns are INDEX_COLUMNS (x, y at level 0, level, row, col); boxes are the tiles'
     level-0 footprints (x, y, w, h) for tissue fractions.  Partial edge tiles are dropped.
+    ``rows=(a, b)``: grid rows [a, b) only (planning walks a big grid band by band).
     """
-    wo, ho = geom.out_dims
     t, s = geom.tile_size, geom.stride
-    cols = (wo - t) // s + 1 if wo >= t else 0
-    rows = (ho - t) // s + 1 if ho >= t else 0
-    grid_r, grid_c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    n_rows, cols = grid_shape(geom)
+    a, b = rows or (0, n_rows)
+    grid_r, grid_c = np.meshgrid(np.arange(a, b), np.arange(cols), indexing="ij")
     rr, cc = grid_r.ravel(), grid_c.ravel()
     x0 = np.round(cc * s * geom.downsample).astype(np.int64)
     y0 = np.round(rr * s * geom.downsample).astype(np.int64)
@@ -171,17 +182,41 @@ def _downsample2(block: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- worker tasks
-def _tissue_channel_blocked(slide, w: int, h: int, downsample: float,
-                            method: Literal["saturation", "od"]) -> np.ndarray:
-    """The slide's uint8 tissue channel at ``downsample``, read block by block: memory is one
-    block of RGB plus one byte per mask pixel, whatever the slide size."""
-    out = np.empty((h, w), np.uint8)
-    for by in range(0, h, _MASK_BLOCK):
-        for bx in range(0, w, _MASK_BLOCK):
-            bw, bh = min(_MASK_BLOCK, w - bx), min(_MASK_BLOCK, h - by)
-            rgb = slide.read_scaled(bx * downsample, by * downsample, bw, bh, downsample)
-            out[by : by + bh, bx : bx + bw] = tissue_channel(rgb, method)
-    return out
+def _channel_reader(slide, downsample: float, method: Literal["saturation", "od"]):
+    """``read_channel`` for :func:`hpcpath.tissue.threshold_blocked`: a block of the slide's
+    uint8 tissue channel at ``downsample``, read in strips of rows where the block's pixels
+    at the level read would pass ``_MASK_READ`` (a slide with level 0 only, read at 1/16)."""
+    k = downsample / slide.info.level_downsamples[slide.best_level(downsample)]
+
+    def read(r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        step = max(1, int(_MASK_READ // max(1.0, w * k * k)))
+        out = np.empty((h, w), np.uint8)
+        for a in range(0, h, step):
+            b = min(h, a + step)
+            rgb = slide.read_scaled(c0 * downsample, (r0 + a) * downsample, w, b - a, downsample)
+            out[a:b] = tissue_channel(rgb, method)
+        return out
+
+    return read
+
+
+def _kept_tiles(geom: TileGeometry, mask, mds: float, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The kept tiles, row-major (index, tissue fractions), and the grid's tile count.
+
+    A band of grid rows at a time (about one mask block tall), reading only the mask rows
+    under it: the whole grid's boxes and fractions are never held at once."""
+    rows, cols = grid_shape(geom)
+    index_parts, frac_parts = [np.zeros((0, 5), np.int64)], [np.zeros(0, np.float32)]
+    band = max(1, int(_MASK_BLOCK * mds // (geom.stride * geom.downsample)))
+    for g0 in range(0, rows if cols else 0, band):
+        index, boxes = tile_grid(geom, rows=(g0, min(rows, g0 + band)))
+        r0, r1, _, _ = box_pixels(boxes, (mds, mds), mask.shape)
+        lo, hi = int(r0.min()), int(r1.max())
+        frac = tile_tissue_fraction(np.asarray(mask[lo:hi]), boxes, (mds, mds), window=(lo, 0, *mask.shape))
+        keep = (frac >= threshold) & (frac > 0)
+        index_parts.append(index[keep])
+        frac_parts.append(frac[keep])
+    return np.concatenate(index_parts), np.concatenate(frac_parts), rows * cols
 
 
 def plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
@@ -212,28 +247,30 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     mds = max(1.0, cfg.mask_mpp / mpp0) if mpp0 else cfg.mask_downsample
     w0, h0 = info.dimensions
     mw, mh = max(1, math.ceil(w0 / mds)), max(1, math.ceil(h0 / mds))
-    channel = _tissue_channel_blocked(slide, mw, mh, mds, cfg.tissue_method)
-    mask, threshold = threshold_channel(channel, method=cfg.tissue_method)
-    del channel
+    # Block by block through two arrays on disk (hpcpath.tissue.threshold_blocked), so memory
+    # stays flat in slide size; the mask is copied into the store when it is created.
+    spath.parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.TemporaryDirectory(prefix=".hpcpath-mask-", dir=spath.parent)
+    mask = mask_scratch(scratch.name, "mask", (mh, mw), _MASK_BLOCK)
+    threshold = threshold_blocked(_channel_reader(slide, mds, cfg.tissue_method), (mh, mw),
+                                  mask_scratch(scratch.name, "work", (mh, mw), _MASK_BLOCK), mask,
+                                  method=cfg.tissue_method, block=_MASK_BLOCK)
 
     # Nothing to tile is not a crash: the store is still made (mask, pyramid, metadata,
     # zero tiles) and the reason travels back as a one-line warning.
     empty_reason = None
-    index, boxes = tile_grid(geom)
-    frac = tile_tissue_fraction(mask, boxes, (mds, mds))
-    keep = (frac >= cfg.tissue_threshold) & (frac > 0)
-    if len(index) == 0:
+    index, frac, n_grid = _kept_tiles(geom, mask, mds, cfg.tissue_threshold)
+    if n_grid == 0:
         w, h = geom.out_dims
         empty_reason = (
             f"slide is smaller than one tile ({w}x{h} px at level {geom.level} "
             f"< {cfg.tile_size}); store has 0 tiles"
         )
-    elif not keep.any():
+    elif len(index) == 0:
         empty_reason = (
             f"no tissue found ({cfg.tissue_method} threshold {threshold:.3g}, no tile with "
             f"tissue fraction >= {cfg.tissue_threshold}); store has 0 tiles"
         )
-    index, frac = index[keep], frac[keep]
     n = len(index)
 
     # Passthrough (hpcpath.passthrough): the slide's own compressed tiles become the chunks.
@@ -249,7 +286,7 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
         params_key=cfg.params_key(),
         tiling=TilingMeta(
             level=geom.level, downsample=geom.downsample, read_size=geom.read_size,
-            stride=geom.stride, tile_mpp=geom.mpp, n_tiles=n, n_grid_tiles=int(keep.size),
+            stride=geom.stride, tile_mpp=geom.mpp, n_tiles=n, n_grid_tiles=n_grid,
             options={**cfg.model_dump(exclude={"reader", "tiles_per_task"}),
                      "tile_path": tile_path},  # passthrough or decode, and why not passthrough
         ),
@@ -265,6 +302,7 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     create_slide_store(spath, meta, mask=mask, index=index, tissue_fraction=frac, tile_layout=layout,
                        tile_codec=f"passthrough-{fmt}" if fmt else cfg.codec, pyramid=shapes,
                        pyramid_downsample=cfg.pyramid_downsample)
+    scratch.cleanup()  # (on an error, when the TemporaryDirectory is collected)
     return {
         "slide_id": info.slide_id,
         "store": str(spath),

@@ -12,6 +12,7 @@ from hpcpath.store.meta import DatasetMeta, PredictionsMeta, StoreMeta, TilingMe
 from hpcpath.store.predictions import Predictions, open_predictions, predictions_complete
 from hpcpath.store.slide import (
     INDEX_COLUMNS,
+    MASK_CHUNK,
     SlideStore,
     check_output_dir,
     create_dataset,
@@ -21,6 +22,7 @@ from hpcpath.store.slide import (
     finish_dataset,
     is_complete,
     mark_complete,
+    mask_scratch,
     ngff_multiscales,
     open_dataset_group,
     open_group,
@@ -35,6 +37,7 @@ from hpcpath.store.slide import (
 
 __all__ = [
     "INDEX_COLUMNS",
+    "MASK_CHUNK",
     "SlideStore",
     "StoreMeta",
     "TilingMeta",
@@ -49,6 +52,7 @@ __all__ = [
     "read_meta",
     "create_slide_store",
     "create_image_store",
+    "mask_scratch",
     "create_dataset",
     "open_dataset_group",
     "dataset_meta",

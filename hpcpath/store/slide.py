@@ -41,6 +41,8 @@ __all__ = [
     "open_group",
     "create_slide_store",
     "create_image_store",
+    "mask_scratch",
+    "MASK_CHUNK",
     "read_meta",
     "create_dataset",
     "open_dataset_group",
@@ -142,9 +144,22 @@ def mark_complete(path: str | os.PathLike, group: str = "", attr: str = "hpcpath
 
 
 _PYRAMID_CHUNK = 1024
+MASK_CHUNK = 1024  # tissue-mask px per chunk side: the block of blockwise tissue detection
 
 
-def create_slide_store(path: str | os.PathLike, meta: StoreMeta, *, mask: np.ndarray,
+def mask_scratch(folder: str | os.PathLike, name: str, shape: tuple[int, int],
+                 chunk: int = MASK_CHUNK) -> zarr.Array:
+    """A temporary (h, w) uint8 array on disk in ``chunk``-px chunks (as ``tissue/mask``):
+    blockwise tissue detection keeps its intermediates here rather than in memory."""
+    from hpcpath.codecs import array_codecs
+
+    h, w = shape
+    return zarr.create_array(str(Path(folder) / name), shape=(h, w), dtype="uint8", fill_value=0,
+                             chunks=(max(1, min(h, chunk)), max(1, min(w, chunk))),
+                             zarr_format=3, **array_codecs("blosc-lz4"))
+
+
+def create_slide_store(path: str | os.PathLike, meta: StoreMeta, *, mask: Any,
                        index: np.ndarray, tissue_fraction: np.ndarray, tile_layout: dict[str, Any],
                        tile_codec: str, pyramid: list[tuple[int, int]],
                        pyramid_downsample: float) -> zarr.Group:
@@ -153,7 +168,9 @@ def create_slide_store(path: str | os.PathLike, meta: StoreMeta, *, mask: np.nda
     ``pyramid`` lists (height, width) levels, an empty OME-NGFF pyramid.
 
     ``tile_layout`` is the tile array's ``chunks`` (and ``shards``) and codecs
-    (:mod:`hpcpath.codecs`); ``tile_codec`` the name recorded in its attributes."""
+    (:mod:`hpcpath.codecs`); ``tile_codec`` the name recorded in its attributes.  ``mask``
+    is any 2-D array that slices (numpy, or a :func:`mask_scratch` array): it is copied a
+    chunk at a time, never whole."""
     from hpcpath.codecs import array_codecs
 
     assert not meta.complete, "a store is created incomplete; mark_complete() comes last"
@@ -161,11 +178,17 @@ def create_slide_store(path: str | os.PathLike, meta: StoreMeta, *, mask: np.nda
     root.attrs[ROOT_ATTR] = meta.to_dict()
     mh, mw = mask.shape
     tissue = root.create_group("tissue")
-    tissue.create_array(
-        "mask", data=mask.astype(np.uint8), chunks=(min(mh, 4096), min(mw, 4096)),
+    step = MASK_CHUNK
+    arr = tissue.create_array(
+        "mask", shape=(mh, mw), dtype="uint8", fill_value=0,
+        chunks=(max(1, min(mh, step)), max(1, min(mw, step))),
         attributes={"downsample": list(meta.tissue.downsample),
                     "values": {"0": "background", "1": "tissue"}},
     )
+    for r0 in range(0, mh, step):
+        for c0 in range(0, mw, step):
+            block = np.asarray(mask[r0 : r0 + step, c0 : c0 + step])
+            arr[r0 : r0 + step, c0 : c0 + step] = block.astype(np.uint8, copy=False)
     n = len(index)
     tiles = root.create_group("tiles")
     tiles.create_array(
