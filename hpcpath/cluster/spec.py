@@ -5,6 +5,7 @@ is wrong>"``.  See :mod:`hpcpath.cluster` for the whole picture."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -86,7 +87,7 @@ def _check_bytes(value: str) -> str:
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     # TLS between scheduler, workers and client (distributed's Security): ``tls: true``
     # alone uses certificates generated for this run; or name PEM files, shared by all roles
@@ -323,7 +324,7 @@ class SparkSpec(BaseModel):
     """A Spark cluster (:mod:`hpcpath.backends.spark`): ``local[N]``, a standalone master
     ``spark://host:port``, ``yarn`` or ``k8s://...``.  Sizes are per executor."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     backend: Literal["spark"]
     master: str = Field("local[*]", description="local[N], spark://HOST:PORT, yarn, k8s://...")
@@ -371,7 +372,13 @@ class SparkSpec(BaseModel):
 
 
 ClusterSpec = Annotated[LocalSpec | SlurmSpec | SchedulerSpec | SparkSpec, Field(discriminator="backend")]
-_ADAPTER: TypeAdapter[ClusterSpec] = TypeAdapter(ClusterSpec)
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[ClusterSpec]:
+    """The union's validator, built on first use (not at import: a one-slide run never needs it)."""
+    return TypeAdapter(ClusterSpec)
+
 _MODELS: dict[str, type[BaseModel]] = {
     "local": LocalSpec,
     "slurm": SlurmSpec,
@@ -448,7 +455,7 @@ def _validate(data: Any, path: str | None, prefix: str) -> ClusterSpec:
             f"{where}: expected a mapping of cluster settings, got {type(data).__name__}", path=path
         )
     try:
-        return _ADAPTER.validate_python(dict(data))
+        return _adapter().validate_python(dict(data))
     except ValidationError as exc:
         raise ConfigError(_first_error(exc, data, prefix), path=path) from None
 
