@@ -72,9 +72,15 @@ def run_once(client, slides, out: Path, cfg: TileConfig) -> dict:
     w0, d0 = sum(_cpu(p) for p in pids), _cpu(os.getpid())
     q0 = sum(_waited(p) for p in pids)
     io0 = [_io(p) for p in [*pids, os.getpid()]]
+    from distributed import get_task_stream
+
     t0 = time.perf_counter()
-    result = tile_slides(slides, out, cfg, client=client)
+    with get_task_stream(client) as ts:
+        result = tile_slides(slides, out, cfg, client=client)
     secs = time.perf_counter() - t0
+    in_task = 0.0  # seconds each worker held a task (CPU or waiting for it): the rest is idle
+    for rec in ts.data:
+        in_task += sum(s["stop"] - s["start"] for s in rec["startstops"] if s["action"] == "compute")
     w1, d1 = sum(_cpu(p) for p in pids), _cpu(os.getpid())
     q1 = sum(_waited(p) for p in pids)
     io1 = [_io(p) for p in [*pids, os.getpid()]]
@@ -82,7 +88,7 @@ def run_once(client, slides, out: Path, cfg: TileConfig) -> dict:
     store_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert result.ok and len(result.records) == len(slides), result.records
     return {"tiles": result.n_tiles, "s": secs, "worker_cpu_s": w1 - w0, "driver_cpu_s": d1 - d0,
-            "worker_wait_s": q1 - q0, "read_bytes": sum(b[0] - a[0] for a, b in zip(io0, io1)),
+            "worker_wait_s": q1 - q0, "in_task": in_task / (secs * len(pids)), "read_bytes": sum(b[0] - a[0] for a, b in zip(io0, io1)),
             "written_bytes": sum(b[1] - a[1] for a, b in zip(io0, io1)), "files": files, "out_bytes": store_bytes,
             "source_bytes": sum(Path(s).stat().st_size for s in slides), "busy": (w1 - w0) / (secs * len(pids)),
             "tiles_per_s": result.n_tiles / secs, "tiles_per_worker_cpu_s": result.n_tiles / max(w1 - w0, 1e-9)}
@@ -147,6 +153,8 @@ def main() -> None:
         "1w_worker_wait_s": statistics.median(r["1w"]["worker_wait_s"] for r in rounds),
         "2w_worker_wait_s": statistics.median(r["2w"]["worker_wait_s"] for r in rounds),
         "1w_busy": statistics.median(r["1w"]["busy"] for r in rounds),
+        "1w_in_task": statistics.median(r["1w"]["in_task"] for r in rounds),
+        "2w_in_task": statistics.median(r["2w"]["in_task"] for r in rounds),
         "2w_busy": statistics.median(r["2w"]["busy"] for r in rounds),
         "2w_driver_cpu_s": statistics.median(r["2w"]["driver_cpu_s"] for r in rounds),
         "per_slide_read_bytes": rounds[0]["1w"]["read_bytes"] / args.slides,
