@@ -59,7 +59,6 @@ def threshold_channel(
 ) -> tuple[np.ndarray, float]:
     """Otsu (from the uint8 histogram) floored, then closing, hole filling, speck removal."""
     from scipy import ndimage
-    from skimage import morphology
 
     hist = np.bincount(channel.ravel(), minlength=256).astype(np.float64)
     threshold, value = _threshold(hist, method)
@@ -67,7 +66,7 @@ def threshold_channel(
     if closing_radius > 0 and mask.any():
         r = closing_radius  # pad so the erosion half of closing does not eat the border
         padded = np.pad(mask, r, mode="edge")
-        mask = ndimage.binary_closing(padded, morphology.disk(r))[r:-r, r:-r]
+        mask = ndimage.binary_closing(padded, disk(r))[r:-r, r:-r]
     mask = ndimage.binary_fill_holes(mask)
     if min_object_px > 0 and mask.any():
         labels, n = ndimage.label(mask, output=np.int32)  # int32: half skimage's int64 labels
@@ -77,6 +76,18 @@ def threshold_channel(
         mask = keep[labels]
         del labels
     return mask.astype(bool), value
+
+
+def disk(r: int) -> np.ndarray:
+    """The closing's structuring element: ``skimage.morphology.disk(r)`` (uint8, pixels with
+    x^2 + y^2 <= r^2), computed here so the tissue test does not import scikit-image (~0.1 s
+    of a one-slide run's start-up).
+
+    >>> disk(1).tolist()
+    [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    """
+    d = np.arange(-r, r + 1)
+    return (d[:, None] ** 2 + d[None, :] ** 2 <= r * r).astype(np.uint8)
 
 
 def _threshold(hist: np.ndarray, method: Method) -> tuple[float, float]:
@@ -132,7 +143,6 @@ def threshold_blocked(
     from scipy import ndimage
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    from skimage import morphology
 
     h, w = shape
     blocks = list(_blocks(shape, block))
@@ -144,7 +154,7 @@ def threshold_blocked(
     threshold, value = _threshold(hist.astype(np.float64), method)
     any_tissue = bool(hist[int(threshold) + 1:].sum())
     r = closing_radius if any_tissue else 0
-    disk = morphology.disk(r) if r > 0 else None
+    se = disk(r) if r > 0 else None
 
     # 2: threshold + closing; background labels on each block's four edges
     edges: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
@@ -153,9 +163,9 @@ def threshold_blocked(
     for r0, r1, c0, c1 in blocks:
         wr0, wr1, wc0, wc1 = _window(r0, r1, c0, c1, 2 * r, shape)
         m = np.asarray(scratch[wr0:wr1, wc0:wc1]) > threshold
-        if disk is not None:
+        if se is not None:
             pad = ((r * (wr0 == 0), r * (wr1 == h)), (r * (wc0 == 0), r * (wc1 == w)))
-            m = ndimage.binary_closing(np.pad(m, pad, mode="edge"), disk)
+            m = ndimage.binary_closing(np.pad(m, pad, mode="edge"), se)
             m = m[r0 - wr0 + pad[0][0]:, c0 - wc0 + pad[1][0]:][: r1 - r0, : c1 - c0]
         out[r0:r1, c0:c1] = m.view(np.uint8)
         labels, _ = ndimage.label(~m, output=np.int32)
