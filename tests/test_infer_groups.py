@@ -63,6 +63,11 @@ def test_grouped_windows_equal_per_slide_runs(small, tmp_path):
             assert g_rows[sid][col] == s_row[col], col
         png = f"{sid}.overlay.png"
         assert (tmp_path / "g" / png).read_bytes() == (tmp_path / f"s-{sid}" / png).read_bytes()
+    # the model stayed loaded and traced once in this process across the four runs and slides
+    from hpcpath.infer.model import cached_model
+
+    fns = [f for k, f in cached_model(model)._fns.items() if k != "mixed"]
+    assert len(fns) == 1 and fns[0].experimental_get_tracing_count() == 1
     # each slide's task records are its own: the windows of its block, its rows
     tasks = read_table(tmp_path / "g" / "tasks.csv")
     assert sorted(t["slide_id"] for t in tasks) == [s.stem for s in stores]

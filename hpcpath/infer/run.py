@@ -297,7 +297,7 @@ def infer_slides(
     planned: dict[str, dict[str, dict]] = {}  # group -> slide id -> its plan
 
     run = f"{key}-{uuid.uuid4().hex[:8]}"  # keys unique per run: never reuse an old result
-    expect_slides(backend, len(plans))  # --cluster auto: where the units run, before asking it about GPUs
+    expect_slides(backend, len(todo))  # --cluster auto: where the units run, before asking it about GPUs
     gpu = bool(plans) and _wants_gpu(backend, cfg)
     if plans:  # GPUs used, or one line why not (hpcpath.gpu)
         from hpcpath.infer.model import check_workers_gpu
