@@ -24,13 +24,15 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _rss import RssSampler  # noqa: E402  (one sampler for every benchmark's worker RSS)
 
 from hpcpath.config import TileConfig  # noqa: E402
 from hpcpath.store import open_store  # noqa: E402
@@ -47,36 +49,6 @@ def _cluster(n_workers: int):
         memory_limit="8GB", silence_logs=40,
     )
     return cluster, Client(cluster)
-
-
-class RssSampler:
-    """Peak resident memory of the cluster's worker processes, sampled every 50 ms."""
-
-    def __init__(self, client) -> None:
-        import psutil
-
-        pids = client.run(os.getpid).values()
-        self.procs = [psutil.Process(p) for p in pids]
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for p in self.procs:
-                try:
-                    self.peak = max(self.peak, p.memory_info().rss)
-                except Exception:  # noqa: BLE001
-                    pass
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def run_hpcpath(slide: Path, out: Path, cfg: TileConfig, n_workers: int = 1, rss: bool = False):

@@ -263,7 +263,8 @@ def _channel_reader(slide, downsample: float, method: Literal["saturation", "od"
         out = np.empty((h, w), np.uint8)
         for a in range(0, h, step):
             b = min(h, a + step)
-            rgb = slide.read_scaled(c0 * downsample, (r0 + a) * downsample, w, b - a, downsample)
+            rgb = slide.read_scaled(c0 * downsample, (r0 + a) * downsample, w, b - a, downsample,
+                                    cache=False)  # each tile once: keep the decoded-tile cache out
             out[a:b] = tissue_channel(rgb, method)
         return out
 
@@ -273,16 +274,21 @@ def _channel_reader(slide, downsample: float, method: Literal["saturation", "od"
 def _kept_tiles(geom: TileGeometry, mask, mds: float, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
     """The kept tiles, row-major (index, tissue fractions), and the grid's tile count.
 
-    A band of grid rows at a time (about one mask block tall), reading only the mask rows
-    under it: the whole grid's boxes and fractions are never held at once."""
+    A band of grid rows at a time (about one mask block tall), and in it a run of columns
+    at a time, reading only the mask block under it: neither the whole grid's boxes nor a
+    whole-width strip of the mask (whose integer sums cost 4 bytes a pixel) is held."""
     rows, cols = grid_shape(geom)
     index_parts, frac_parts = [np.zeros((0, 5), np.int64)], [np.zeros(0, np.float32)]
     band = max(1, int(_MASK_BLOCK * mds // (geom.stride * geom.downsample)))
     for g0 in range(0, rows if cols else 0, band):
         index, boxes = tile_grid(geom, rows=(g0, min(rows, g0 + band)))
-        r0, r1, _, _ = box_pixels(boxes, (mds, mds), mask.shape)
-        lo, hi = int(r0.min()), int(r1.max())
-        frac = tile_tissue_fraction(np.asarray(mask[lo:hi]), boxes, (mds, mds), window=(lo, 0, *mask.shape))
+        r0, r1, c0, c1 = box_pixels(boxes, (mds, mds), mask.shape)
+        frac = np.empty(len(index), np.float32)
+        for k0 in range(0, cols, band):
+            sel = (index[:, 4] >= k0) & (index[:, 4] < k0 + band)
+            lo, hi, left, right = int(r0[sel].min()), int(r1[sel].max()), int(c0[sel].min()), int(c1[sel].max())
+            frac[sel] = tile_tissue_fraction(np.asarray(mask[lo:hi, left:right]), boxes[sel], (mds, mds),
+                                             window=(lo, left, *mask.shape))
         keep = (frac >= threshold) & (frac > 0)
         index_parts.append(index[keep])
         frac_parts.append(frac[keep])
@@ -321,9 +327,9 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     # stays flat in slide size; the mask is copied into the store when it is created.
     spath.parent.mkdir(parents=True, exist_ok=True)
     scratch = tempfile.TemporaryDirectory(prefix=".hpcpath-mask-", dir=spath.parent)
-    mask = mask_scratch(scratch.name, "mask", (mh, mw), _MASK_BLOCK)
+    mask = mask_scratch(scratch.name, "mask", (mh, mw))
     threshold = threshold_blocked(_channel_reader(slide, mds, cfg.tissue_method), (mh, mw),
-                                  mask_scratch(scratch.name, "work", (mh, mw), _MASK_BLOCK), mask,
+                                  mask_scratch(scratch.name, "work", (mh, mw)), mask,
                                   method=cfg.tissue_method, block=_MASK_BLOCK)
 
     # Nothing to tile is not a crash: the store is still made (mask, pyramid, metadata,

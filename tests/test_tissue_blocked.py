@@ -164,3 +164,16 @@ def test_planning_by_small_blocks_equals_the_whole_image(test_data, tmp_path, mo
     assert np.array_equal(store.tissue_fraction, frac[keep])
     assert store.metadata.tiling.n_grid_tiles == len(index)
     assert [p.name for p in tmp_path.iterdir()] == [store.path.name]
+
+
+def test_the_channel_reader_keeps_no_decoded_tile(test_data):
+    """The tissue channel reads each native tile once: read_scaled(cache=False) gives the
+    same pixels and leaves the reader's decoded-tile cache (up to ~50 MB) empty."""
+    from hpcpath import tiling
+
+    with open_slide(test_data / "slides" / "cmu-1-small-region.svs") as s:
+        assert s.uses_direct(0)
+        got = tiling._channel_reader(s, 4.0, "saturation")(0, 0, 300, 400)
+        assert len(s._direct._cache) == 0
+        assert np.array_equal(got, tissue_channel(s.read_scaled(0, 0, 400, 300, 4.0)))
+        assert len(s._direct._cache) > 0

@@ -163,7 +163,7 @@ class _DirectTiff:
     def has_level(self, level: int) -> bool:
         return level in self._pages
 
-    def _tile(self, page, level: int, index: int) -> np.ndarray:
+    def _tile(self, page, level: int, index: int, cache: bool = True) -> np.ndarray:
         key = (level, index)
         with self._lock:
             hit = self._cache.get(key)
@@ -177,6 +177,8 @@ class _DirectTiff:
             data = os.pread(self._fd, nbytes, page.dataoffsets[index])
             arr, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
             tile = arr[0, :, :, :3]
+        if not cache:
+            return tile
         with self._lock:
             self._cache[key] = tile
             if len(self._cache) > self._cache_tiles:
@@ -199,8 +201,9 @@ class _DirectTiff:
             raise OSError(f"file ends {page.databytecounts[index] - len(data)} bytes into tile {index}")
         return data
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Pixels [y:y+h, x:x+w] of ``level`` (level coordinates, inside the level)."""
+    def read(self, level: int, x: int, y: int, w: int, h: int, cache: bool = True) -> np.ndarray:
+        """Pixels [y:y+h, x:x+w] of ``level`` (level coordinates, inside the level);
+        ``cache=False`` keeps no decoded tile (a sweep that reads each tile once)."""
         page = self._pages[level]
         tw, th = page.tilewidth, page.tilelength
         ncols = math.ceil(page.imagewidth / tw)
@@ -213,7 +216,7 @@ class _DirectTiff:
         out = np.empty((h, w, 3), np.uint8)
         for ty in range(y // th, (y + h - 1) // th + 1):
             for tx in range(x // tw, (x + w - 1) // tw + 1):
-                tile = self._tile(page, level, ty * ncols + tx)
+                tile = self._tile(page, level, ty * ncols + tx, cache)
                 x0, y0 = max(x, tx * tw), max(y, ty * th)
                 x1, y1 = min(x + w, (tx + 1) * tw), min(y + h, (ty + 1) * th)
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
@@ -316,19 +319,22 @@ class Slide:
         except Exception as exc:  # noqa: BLE001
             raise SlideError(f"cannot read tile {index} at level {level} ({exc})", self.path) from None
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 array (h, w, 3) of the region at ``level`` starting at level coords (x, y)."""
+    def read(self, level: int, x: int, y: int, w: int, h: int, *, cache: bool = True) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of the region at ``level`` starting at level coords (x, y).
+
+        ``cache=False``: decoded tiles are not kept for neighbours (the tissue channel reads
+        each once; a full cache of 256-px tiles is ~50 MB)."""
         lw, lh = self.info.level_dimensions[level]
         if self.uses_direct(level):
             x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
             try:
                 if (x0, y0, x1, y1) == (x, y, x + w, y + h):
-                    return self._direct.read(level, x, y, w, h)
+                    return self._direct.read(level, x, y, w, h, cache)
                 out = np.empty((h, w, 3), np.uint8)
                 out[:] = self._background
                 if x1 > x0 and y1 > y0:
                     out[y0 - y : y1 - y, x0 - x : x1 - x] = self._direct.read(
-                        level, x0, y0, x1 - x0, y1 - y0
+                        level, x0, y0, x1 - x0, y1 - y0, cache
                     )
                 return out
             except Exception as exc:  # noqa: BLE001
@@ -350,11 +356,13 @@ class Slide:
                 best = i
         return best
 
-    def read_scaled(self, x0: float, y0: float, w: int, h: int, downsample: float) -> np.ndarray:
+    def read_scaled(self, x0: float, y0: float, w: int, h: int, downsample: float, *,
+                    cache: bool = True) -> np.ndarray:
         """A (h, w, 3) image of the level-0 rectangle at (x0, y0) seen at ``downsample``.
 
         Reads the best pyramid level and box-averages down the rest of the way; the one
-        function behind tissue masks, pyramids and tiles at a target MPP.
+        function behind tissue masks, pyramids and tiles at a target MPP.  ``cache`` as
+        :meth:`read`.
         """
         level = self.best_level(downsample)
         ds = self.info.level_downsamples[level]
@@ -362,14 +370,14 @@ class Slide:
         lx, ly = int(round(x0 / ds)), int(round(y0 / ds))
         if abs(factor - round(factor)) < 1e-3:
             k = int(round(factor))
-            region = self.read(level, lx, ly, w * k, h * k)
+            region = self.read(level, lx, ly, w * k, h * k, cache=cache)
             if k == 1:
                 return region
             return box_reduce(region, k)
         from PIL import Image
 
         rw, rh = max(1, int(round(w * factor))), max(1, int(round(h * factor)))
-        region = self.read(level, lx, ly, rw, rh)
+        region = self.read(level, lx, ly, rw, rh, cache=cache)
         return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
 
     def close(self) -> None:
