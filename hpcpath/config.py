@@ -33,7 +33,7 @@ M = TypeVar("M", bound=BaseModel)
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)  # validators built on first use: CLI start-up
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)  # validators built on first use
 
 
 class TileConfig(_Frozen):
