@@ -3,6 +3,7 @@ sliding-window detector against the two-stage one on the same slides.
 
     .venv/bin/python benchmarks/bench_infer.py --out bench-out            # ~6 min on 2 cores
     .venv/bin/python benchmarks/bench_infer.py --out bench-out --quick    # smaller slides
+    .venv/bin/python benchmarks/bench_infer.py --out bi12 --only throughput --models pooled_cnn
 
 One Dask worker process with one thread (``LocalCluster(n_workers=1, threads_per_worker=1)``;
 TensorFlow in it uses every core, as it would on a node), the model already loaded and traced
@@ -14,7 +15,14 @@ in the worker (a warm-up run), as in a long cohort run.  Per model:
   predict      in the same worker process, every one of those tiles already in memory as
                one uint8 array: ``model.predict(x, batch_size=B)``, same model, same batch;
   compiled     the same tiles through the traced call inference uses, batch by batch (the
-               compute floor: no input pipeline at all).
+               compute floor: no input pipeline at all);
+  per CPU-s    tiles per CPU-second of driver + worker (end to end) against model.predict's
+               per CPU-second of the worker: the ratio to read on a shared, noisy machine;
+  outside      each run's wall time minus its prediction tasks' seconds (plan and finishing
+               tasks, round trips, driver bookkeeping).
+
+Models: small_cnn (``hpcpath train``), mobilenetv2 and pooled_cnn (random-weight stand-ins:
+a heavy backbone, and a CNN as cheap as reading its tile); ``--models`` picks them.
 
 Then the mitosis model over the same slides in both modes: sliding window (stride 16) and
 two-stage (colour-deconvolution proposals + candidate patches), with patches classified,
