@@ -111,7 +111,7 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     import imagecodecs
 
     if imagecodecs.ZLIBNG.available:
-        data = imagecodecs.zlibng_encode(rows, level=1)
+        data = bytes(imagecodecs.zlibng_encode(rows.tobytes(), level=1))
     else:
         data = zlib.compress(rows.tobytes(), 1)
 
