@@ -191,9 +191,16 @@ def write_shard(path: str, data: bytes) -> None:
     crash never leaves a torn shard."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: give the partial file's space back (logs need it)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def describe(fmt: str | None, reason: str, codec: str) -> dict[str, Any]:
