@@ -224,6 +224,10 @@ class _DirectTiff:
                 ]
         return out
 
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def close(self) -> None:
         os.close(self._fd)
         self._tif.close()
@@ -379,6 +383,13 @@ class Slide:
         rw, rh = max(1, int(round(w * factor))), max(1, int(round(h * factor)))
         region = self.read(level, lx, ly, rw, rh, cache=cache)
         return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
+
+    def clear_cache(self) -> None:
+        """Drop the decoded tiles kept for neighbouring reads (up to 256, ~50 MB of 256-px
+        tiles): a worker task whose reads share tiles only among themselves calls this when it
+        ends, so a cached handle (``open_slide(cached=True)``) keeps none between tasks."""
+        if self._direct is not None:
+            self._direct.clear_cache()
 
     def close(self) -> None:
         if self._direct is not None:
