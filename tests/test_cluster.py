@@ -176,7 +176,10 @@ def test_slurm_kwargs_pin_processes_to_gpus() -> None:
     kw = slurm_cluster_kwargs(SlurmSpec(backend="slurm", gpus_per_job=4, processes=2, cores=8))
     assert kw["job_extra_directives"] == ["--gres=gpu:4"]
     assert kw["worker_extra_args"][:4] == ["--resources", "GPU=2", "--preload", "hpcpath.cluster"]
-    assert kw["job_script_prologue"] == ["export HPCPATH_GPUS_PER_WORKER=2"]
+    prologue = kw["job_script_prologue"]
+    assert prologue[-1] == "export HPCPATH_GPUS_PER_WORKER=2"
+    # 8 cores for 2 processes: each sizes its thread pools to 4
+    assert {"export OMP_NUM_THREADS=4", "export TF_NUM_INTRAOP_THREADS=4"} <= set(prologue)
 
 
 @pytest.mark.parametrize(

@@ -32,10 +32,20 @@ def slurm_cluster_kwargs(spec: SlurmSpec) -> dict[str, Any]:
     >>> kw = slurm_cluster_kwargs(SlurmSpec(backend="slurm", gpus_per_job=2))
     >>> kw["cores"], kw["processes"], kw["job_extra_directives"], kw["worker_extra_args"][:2]
     (2, 2, ['--gres=gpu:2'], ['--resources', 'GPU=1'])
+    >>> [line for line in kw["job_script_prologue"] if "INTRAOP" in line]
+    ['export TF_NUM_INTRAOP_THREADS=1']
     """
+    from hpcpath.cluster.pinning import thread_env
+
     directives = list(spec.job_extra_directives)
     worker_args = list(spec.worker_extra_args)
-    prologue = list(spec.job_script_prologue)
+    # Each worker process's thread pools (BLAS, Blosc, TensorFlow) sized to its share of the
+    # job's cores, as a pinned LocalCluster worker's are: no oversubscription on a shared
+    # node, and the same reductions (so the same float results) as a local run with as many
+    # cores per worker.  The user's own prologue comes after, so it can override them.
+    per_process = max(1, spec.job_cores // spec.worker_processes)
+    prologue = [f"export {k}={v}" for k, v in thread_env(per_process).items()]
+    prologue += list(spec.job_script_prologue)
     if spec.gpus_per_job:
         directives.insert(0, f"--gres=gpu:{spec.gpus_per_job}")
         worker_args[:0] = ["--resources", f"GPU={spec.gpus_per_worker}"]
