@@ -10,7 +10,12 @@ memory stays bounded by design (a few chunks), so keeping freed memory costs lit
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _done = False
 
@@ -27,5 +32,34 @@ def keep_large_buffers(force: bool = False) -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: give back free memory above 64 MB
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: buffers up to 32 MB from the heap
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_after(task: F) -> F:
+    """Decorator for worker tasks: hand free heap pages back to the OS when the task ends
+    (``malloc_trim(0)``, every arena).  ``keep_large_buffers`` keeps up to 64 MB free per
+    arena, and a worker's task thread and zarr's reader threads each have one: the memory a
+    task freed otherwise stays resident, and more of it the more tasks a slide has.  One
+    call per task (~1 ms); docs/benchmarks.md, "Memory against slide size", has its effect."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        finally:
+            release_free_memory()
+
+    return cast(F, run)
+
+
+def release_free_memory() -> None:
+    """``malloc_trim(0)`` where glibc has it; nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hpcpath._malloc import keep_large_buffers
+from hpcpath._malloc import keep_large_buffers, trim_after
 from hpcpath.config import TileConfig
 from hpcpath.errors import HpcpathError, OutputError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
@@ -294,6 +294,7 @@ def _kept_tiles(geom: TileGeometry, mask, mds: float, threshold: float) -> tuple
     return np.concatenate(index_parts), np.concatenate(frac_parts), rows * cols
 
 
+@trim_after
 def plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     """Worker task: tissue mask, tile grid and an empty store.  Returns sizes, not pixels.
 
@@ -423,6 +424,7 @@ def _cut_tiles(slide, level: int, read: int, t: int, lx: np.ndarray, ly: np.ndar
     return batch
 
 
+@trim_after
 def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: int) -> int:
     """Worker task: read tiles [start, stop) from the slide and write their chunks.
 
@@ -560,6 +562,7 @@ def _paste_thumbs(shape: tuple[int, int], bg: np.ndarray, r0: int, c0: int, boxe
     return block
 
 
+@trim_after
 def write_pyramid_block(slide_path: str, store: str, cfg: TileConfig, r0: int, c0: int, n_levels: int,
                         *_deps: Any) -> int:
     """Worker task: the base block at (r0, c0) (``_PYRAMID_BLOCK`` px a side) and its share
@@ -581,7 +584,11 @@ def write_pyramid_block(slide_path: str, store: str, cfg: TileConfig, r0: int, c
     slide = open_slide(slide_path, cfg.reader, cached=True)
     bg = slide.background
     index = np.asarray(st.root["tiles/index"][:]) if meta.tiling.n_tiles else np.zeros((0, 5), np.int64)
-    rows, boxes = _kept_footprints(index, side, d, r0, r1, c0, c1)
+    # the index is row-major (y ascending): footprints of the rows whose tiles can reach the
+    # block's rows only, so a block costs its own tiles, not the slide's (51k rows at 100k)
+    lo, hi = (int(v) for v in np.searchsorted(index[:, 1], [(r0 - 1) * d - side, (r1 + 1) * d]))
+    rows, boxes = _kept_footprints(index[lo:hi], side, d, r0, r1, c0, c1)
+    rows += lo
     if not len(rows) and (bg == 255).all():
         return 1
     if meta.tiling.options.get("pyramid_source") == "tiles" and len(rows):
@@ -709,6 +716,7 @@ def _read_block(arr, get, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
     return out
 
 
+@trim_after
 def write_pyramid_levels(store: str, first: int = 1, *_deps: Any) -> int:
     """Worker task: pyramid levels ``first``.. from the level below by 2x2 means, chunk by
     chunk (the levels no single base block covers in whole chunks: big slides only).

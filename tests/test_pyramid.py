@@ -81,3 +81,18 @@ def test_pyramid_from_decoded_tiles_shows_the_slides_own_overview(slide, tmp_pat
         x, y = (int(v) for v in pt.index[len(pt.index) // 2, :2])
         np.testing.assert_array_equal(lv_pt[0][y // 4 : y // 4 + 64, x // 4 : x // 4 + 64],
                                       s.read_scaled(x, y, 64, 64, 4.0))
+
+
+def test_sweeps_leave_no_decoded_tiles_in_the_cached_handle(slide, tmp_path):
+    """The tissue sweep and the passthrough pyramid blocks (which read the slide's 4x level
+    through the decoded-tile cache) leave the worker's cached handle empty: kept from task to
+    task it held 256 decoded tiles (~50 MB) per slide handle."""
+    from hpcpath.backends.inline import InlineBackend
+
+    cfg = TileConfig()
+    res = tile_slides([slide], tmp_path / "o", cfg, client=InlineBackend(1))  # tasks in this process
+    assert res.ok and res.n_tiles > 10, res.records
+    assert open_store(tmp_path / "o" / "pyr.zarr").meta["tiling"]["pyramid_source"] == "slide"
+    handle = open_slide(str(slide), cfg.reader, cached=True)  # the handle the tasks used
+    assert handle._direct is not None and handle.uses_direct(1)
+    assert handle._direct._cache_tiles == 256 and len(handle._direct._cache) == 0

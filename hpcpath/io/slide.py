@@ -17,6 +17,7 @@ import functools
 import math
 import os
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,6 +135,20 @@ def _mpp_from(props, objective: float | None) -> tuple[tuple[float, float] | Non
     return None, "none"
 
 
+def _compact_tile_tables(page) -> None:
+    """tifffile keeps a page's tile offsets and byte counts as tuples of Python ints
+    (~40 bytes a tile each: 12 MB for the 153k tiles of a 100k x 100k level 0, held by every
+    worker's cached handle); as ``array('q')`` (a sequence of the same ints, as tifffile
+    expects) they take 8.  The tag objects hold the same tuples, so their values are swapped
+    too (a private attribute: on a tifffile without it the tuples simply stay)."""
+    for attr, code in (("dataoffsets", 324), ("databytecounts", 325)):
+        values = array("q", getattr(page, attr))
+        setattr(page, attr, values)
+        tag = page.tags.get(code)
+        if tag is not None and hasattr(tag, "_value"):
+            tag._value = values
+
+
 class _DirectTiff:
     """Decode native tiles of matched TIFF pages; an LRU of decoded tiles serves neighbours."""
 
@@ -155,6 +170,7 @@ class _DirectTiff:
                     and p.imagedepth == 1
                 ):
                     self._pages[level] = p
+                    _compact_tile_tables(p)
                     break
         self._cache: OrderedDict = OrderedDict()
         self._cache_tiles = cache_tiles
