@@ -177,3 +177,32 @@ def test_the_channel_reader_keeps_no_decoded_tile(test_data):
         assert len(s._direct._cache) == 0
         assert np.array_equal(got, tissue_channel(s.read_scaled(0, 0, 400, 300, 4.0)))
         assert len(s._direct._cache) > 0
+
+
+def test_a_small_mask_is_planned_in_memory_with_the_same_result(test_data, tmp_path, monkeypatch):
+    """A mask of at most _MASK_WHOLE_BLOCKS blocks is detected in memory as one block (no
+    scratch arrays), read in the same blocks: the store's mask, threshold, kept tiles and
+    fractions equal those of the blocked path."""
+    from hpcpath import tiling
+    from hpcpath.config import TileConfig
+    from hpcpath.store import open_store
+
+    monkeypatch.setattr(tiling, "_MASK_BLOCK", 64)  # 741 x 554 mask: ~100 blocks either way
+    slide_path = test_data / "slides" / "cmu-1-small-region.svs"
+    cfg = TileConfig(mask_mpp=2.0, tile_size=64, tissue_threshold=0.3)
+    blocked = open_store(tiling.plan_slide(str(slide_path), str(tmp_path / "blocked"), cfg)["store"],
+                         require_complete=False)
+    monkeypatch.setattr(tiling, "_MASK_WHOLE_BLOCKS", 1000)
+
+    def no_scratch(*_a):
+        raise AssertionError("a small mask needs no scratch arrays")
+
+    monkeypatch.setattr(tiling, "mask_scratch", no_scratch)
+    whole = open_store(tiling.plan_slide(str(slide_path), str(tmp_path / "whole"), cfg)["store"],
+                       require_complete=False)
+    assert np.array_equal(whole.tissue_mask, blocked.tissue_mask)
+    assert whole.tissue_mask.sum() > 1000
+    assert whole.metadata.tissue.threshold == blocked.metadata.tissue.threshold
+    assert np.array_equal(whole.index, blocked.index) and len(whole.index) > 50
+    assert np.array_equal(whole.tissue_fraction, blocked.tissue_fraction)
+    assert [p.name for p in (tmp_path / "whole").iterdir()] == [whole.path.name]
