@@ -32,6 +32,16 @@ _MIN_OD = 0.15  # clean glass reads ~0.03-0.10
 _OD_SCALE = 100.0  # optical density stored as uint8 hundredths (0..2.55)
 
 
+def _saturation_table() -> np.ndarray:
+    """HSV saturation (uint8, rounded) of every (max, min) pair, at index max * 256 + min."""
+    mx = np.arange(256, dtype=np.int64)[:, None]
+    mn = np.minimum(np.arange(256, dtype=np.int64)[None, :], mx)  # (min > max never occurs)
+    return (((mx - mn) * 255 + mx // 2) // np.maximum(mx, 1)).astype(np.uint8).ravel()
+
+
+_SATURATION = _saturation_table()
+
+
 def tissue_channel(rgb: np.ndarray, method: Method = "saturation") -> np.ndarray:
     """The uint8 channel tissue is thresholded on: HSV saturation, or optical density x100.
 
@@ -39,11 +49,12 @@ def tissue_channel(rgb: np.ndarray, method: Method = "saturation") -> np.ndarray
     builds it block by block and never holds a full-resolution or float thumbnail.
     """
     rgb = np.asarray(rgb)
-    if method == "saturation":
-        mx = rgb.max(axis=-1).astype(np.uint16)
-        mn = rgb.min(axis=-1).astype(np.uint16)
-        s = ((mx - mn) * 255 + mx // 2) // np.maximum(mx, 1)
-        return s.astype(np.uint8)
+    if method == "saturation":  # ((max - min) * 255 + max // 2) // max, from a table: ~20x faster
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        at = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+        at <<= 8
+        at |= np.minimum(np.minimum(r, g), b)
+        return _SATURATION.take(at)
     if method == "od":
         od = -np.log((rgb.astype(np.float32) + 1.0) / 256.0).mean(axis=-1)
         return np.clip(np.round(od * _OD_SCALE), 0, 255).astype(np.uint8)

@@ -63,3 +63,18 @@ def test_tile_fraction_matches_brute_force():
         if rows.size == 0:
             rows = [min(max(int((y + h / 2) / 8), 0), 36)]
         assert g == pytest.approx(mask[np.ix_(rows, cols)].mean(), abs=1e-6)
+
+
+def test_saturation_channel_is_hsv_saturation_rounded():
+    """tissue_channel("saturation") (a table lookup) is round(255 * (max - min) / max) with
+    halves up, for every (max, min) pair a pixel can have, in any channel order."""
+    from hpcpath.tissue import tissue_channel
+
+    mx, mn = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    ok = mn <= mx
+    mx, mn = mx[ok], mn[ok]
+    mid = (mx + mn) // 2
+    rgb = np.stack([mn, mx, mid], -1).astype(np.uint8)[None]  # max in green, min in red
+    want = np.floor(255 * (mx - mn) / np.maximum(mx, 1) + 0.5).astype(np.uint8)
+    for order in ([0, 1, 2], [1, 2, 0], [2, 0, 1]):
+        assert np.array_equal(tissue_channel(rgb[..., order])[0], want)
