@@ -61,6 +61,7 @@ __all__ = ["TileGeometry", "tile_geometry", "tile_grid", "tile_slides", "RunResu
 _PYRAMID_CHUNK = 1024
 _PYRAMID_MIN = 512
 _PYRAMID_BLOCK = 2 * _PYRAMID_CHUNK  # base px per pyramid task side: whole chunks of levels 0 and 1
+_PYRAMID_BLOCKS_PER_TASK = 4  # blocks a pyramid task writes (fewer round trips; still parallel)
 _THUMBS = ".thumbs"  # tiles/.thumbs: each kept tile at the pyramid's base scale, removed at finalize
 _MASK_BLOCK = MASK_CHUNK  # tissue-mask px per block side (blockwise detection, store chunks)
 _MASK_READ = 4096 * 4096  # slide-level px per read while building the tissue channel
@@ -635,6 +636,15 @@ def write_pyramid_block(slide_path: str, store: str, cfg: TileConfig, r0: int, c
     return 1
 
 
+def write_pyramid_blocks(slide_path: str, store: str, cfg: TileConfig, blocks: tuple[tuple[int, int], ...],
+                         n_levels: int, *_deps: Any) -> int:
+    """Worker task: :func:`write_pyramid_block` for each (r0, c0) of ``blocks`` in turn: a few
+    blocks a task, so a small slide's pyramid costs a few scheduler round trips, not one a block."""
+    for r0, c0 in blocks:
+        write_pyramid_block(slide_path, store, cfg, r0, c0, n_levels)
+    return len(blocks)
+
+
 def _chunk_writer(arr) -> Callable[[tuple[int, ...], np.ndarray], None] | None:
     """``put(coords, chunk)``: write one whole chunk (the full chunk shape, edge chunks padded
     with the fill value, as zarr stores them) of a Blosc-compressed array as one file renamed
@@ -806,8 +816,10 @@ def slide_units(cfg: TileConfig, path: Path, plan: dict, key: str) -> list[Unit]
         tiles = tuple(range(len(units))) if plan.get("pyramid_source") == "tiles" else ()
         first = len(units)
         kind = "pyramid-base" if upper else "pyramid"
-        units += [Unit(write_pyramid_block, (str(path), store, cfg, r, c, owned), kind,
-                       ("pyramid-base", r, c, key), after=tiles, retries=2) for r, c in blocks]
+        groups = [tuple(blocks[i : i + _PYRAMID_BLOCKS_PER_TASK])
+                  for i in range(0, len(blocks), _PYRAMID_BLOCKS_PER_TASK)]
+        units += [Unit(write_pyramid_blocks, (str(path), store, cfg, g, owned), kind,
+                       ("pyramid-base", *g[0], key), after=tiles, retries=2) for g in groups]
         if upper:
             units.append(Unit(write_pyramid_levels, (store, owned), "pyramid", ("pyramid", key),
                               after=tuple(range(first, len(units))), retries=2))
