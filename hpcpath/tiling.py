@@ -437,7 +437,6 @@ def _cut_tiles(slide, level: int, read: int, t: int, lx: np.ndarray, ly: np.ndar
     return batch
 
 
-@trim_after
 def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: int) -> int:
     """Worker task: read tiles [start, stop) from the slide and write their chunks.
 
@@ -575,7 +574,6 @@ def _paste_thumbs(shape: tuple[int, int], bg: np.ndarray, r0: int, c0: int, boxe
     return block
 
 
-@trim_after
 def write_pyramid_block(slide_path: str, store: str, cfg: TileConfig, r0: int, c0: int, n_levels: int,
                         *_deps: Any) -> int:
     """Worker task: the base block at (r0, c0) (``_PYRAMID_BLOCK`` px a side) and its share
