@@ -331,6 +331,8 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     # stays flat in slide size; the mask is copied into the store when it is created.
     spath.parent.mkdir(parents=True, exist_ok=True)
     scratch = None
+    mask: Any  # an in-memory array, or a MaskScratch file read row by row
+    work: Any
     read = _channel_reader(slide, mds, cfg.tissue_method)
     if mh * mw <= _MASK_WHOLE_BLOCKS * _MASK_BLOCK**2:  # small: in memory as one block, ~2x faster
         mask, work = np.zeros((mh, mw), np.uint8), np.zeros((mh, mw), np.uint8)
