@@ -143,3 +143,20 @@ def test_local_workers_are_pinned_to_disjoint_cores():
     assert not sets[0] & sets[1] and sets[0] | sets[1] == set(cores)
     assert sorted(map(sorted, sets)) == core_sets(cores, 2)
     assert {omp for _, omp in got} == {str(len(cores) // 2)}  # BLAS sized to the worker's cores
+
+
+def test_pinning_keeps_the_worker_preloads_the_dask_config_names():
+    """LocalCluster's ``preload`` argument replaces ``distributed.worker.preload``: the
+    pinning preload is added to the configured ones, never instead of them."""
+    import dask
+
+    from hpcpath.cluster.local import worker_pinning
+    from hpcpath.cluster.spec import parse_cluster_spec
+
+    spec = parse_cluster_spec({"backend": "local"})
+    if not worker_pinning(spec, 2):
+        pytest.skip("no CPU affinity here")
+    with dask.config.set({"distributed.worker.preload": ["/site/preload.py"]}):
+        assert worker_pinning(spec, 2)["preload"] == ["/site/preload.py", "hpcpath.cluster.pinning"]
+    with dask.config.set({"distributed.worker.preload": "/site/one.py"}):
+        assert worker_pinning(spec, 2)["preload"] == ["/site/one.py", "hpcpath.cluster.pinning"]

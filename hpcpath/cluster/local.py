@@ -18,8 +18,13 @@ __all__ = ["local_cluster", "worker_pinning"]
 
 def worker_pinning(spec: LocalSpec, n_workers: int) -> dict:
     """LocalCluster keyword arguments that pin each worker to its own cores and size its
-    thread pools to them (empty when ``pin_workers`` is off or affinity is not supported)."""
+    thread pools to them (empty when ``pin_workers`` is off or affinity is not supported).
+
+    The pinning preload is added to the worker preloads the Dask config names
+    (``distributed.worker.preload``): LocalCluster's ``preload`` argument replaces them."""
     import os
+
+    import dask
 
     from hpcpath.cluster.pinning import CORES_VAR, available_cores, core_sets, thread_env
 
@@ -28,7 +33,9 @@ def worker_pinning(spec: LocalSpec, n_workers: int) -> dict:
     sets = core_sets(available_cores(), n_workers, spec.cores_per_worker)
     env = thread_env(max(1, min(len(s) for s in sets) // spec.threads_per_worker))
     env[CORES_VAR] = ";".join(",".join(map(str, s)) for s in sets)
-    return {"preload": ["hpcpath.cluster.pinning"], "env": env}
+    configured = dask.config.get("distributed.worker.preload", None) or []
+    preload = [configured] if isinstance(configured, str) else list(configured)
+    return {"preload": [*preload, "hpcpath.cluster.pinning"], "env": env}
 
 
 def local_cluster(spec: LocalSpec, n_workers: int | None) -> Cluster:
