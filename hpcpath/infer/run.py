@@ -166,16 +166,8 @@ def group_slides(sizes: dict[str, int], budget: int, max_slides: int = 64) -> li
     >>> group_slides({"a": 686, "b": 686, "c": 20000, "d": 5}, 8192)
     [['a', 'b'], ['c'], ['d']]
     """
-    groups: list[list[str]] = []
-    acc = 0
-    for sid, n in sizes.items():
-        if groups and acc + n <= budget and len(groups[-1]) < max_slides:
-            groups[-1].append(sid)
-            acc += n
-        else:
-            groups.append([sid])
-            acc = n
-    return groups
+    ids = list(sizes)
+    return [[ids[k] for k in unit] for unit in pack_parts(list(sizes.values()), budget, max_slides)]
 
 
 def check_model(model_dir: str | os.PathLike, cfg: InferConfig):

@@ -155,17 +155,20 @@ def plan_group(items: list[tuple]) -> dict[str, Any]:
     return {"slides": out}
 
 
-def pack_parts(sizes: list[int], budget: int) -> list[list[int]]:
+def pack_parts(sizes: list[int], budget: int, max_items: int | None = None) -> list[list[int]]:
     """Consecutive parts (blocks of one or several slides, ``sizes`` windows each) packed into
-    units of at most ``budget`` windows (a bigger part is a unit of its own).
+    units of at most ``budget`` windows and ``max_items`` parts (a bigger part is a unit of
+    its own).
 
     >>> pack_parts([686, 686, 9000, 100, 50], 8192)
     [[0, 1], [2], [3, 4]]
+    >>> pack_parts([1, 1, 1], 8192, max_items=2)
+    [[0, 1], [2]]
     """
     units: list[list[int]] = []
     acc = 0
     for i, n in enumerate(sizes):
-        if units and acc + n <= budget:
+        if units and acc + n <= budget and (max_items is None or len(units[-1]) < max_items):
             units[-1].append(i)
             acc += n
         else:
