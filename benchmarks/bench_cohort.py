@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -52,11 +51,10 @@ def floor_cohort(slides: list[Path], work: Path, cfg: TileConfig, strict: bool =
     cheaper): the floor for a writer that bypasses zarr's per-chunk overhead."""
     import numcodecs
     import zarr
+    from _floor import floor_kept_tiles
 
     from hpcpath.codecs import array_codecs
     from hpcpath.io import open_slide
-    from hpcpath.tiling import tile_geometry, tile_grid
-    from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
     t = cfg.tile_size
     total, secs, cpu0 = 0, 0.0, time.process_time()
@@ -65,15 +63,7 @@ def floor_cohort(slides: list[Path], work: Path, cfg: TileConfig, strict: bool =
         shutil.rmtree(dst, ignore_errors=True)
         t0 = time.perf_counter()
         with open_slide(slide_path) as slide:
-            info = slide.info
-            mds = max(1.0, cfg.mask_mpp / info.mpp[0])
-            w0, h0 = info.dimensions
-            mw, mh = math.ceil(w0 / mds), math.ceil(h0 / mds)
-            mask, _ = threshold_channel(tissue_channel(slide.read_scaled(0, 0, mw, mh, mds), cfg.tissue_method),
-                                        method=cfg.tissue_method)
-            index, boxes = tile_grid(tile_geometry(info, cfg))
-            frac = tile_tissue_fraction(mask, boxes, (mds, mds))
-            index = index[(frac >= cfg.tissue_threshold) & (frac > 0)]
+            index = floor_kept_tiles(slide, cfg)
             page = slide.native_page(0)
             assert (page.tilewidth, page.tilelength) == (t, t), "the floor decodes one native tile per tile"
             ncols = -(-page.imagewidth // t)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shutil
@@ -47,25 +46,16 @@ HPCPATH = [sys.executable, "-m", "hpcpath.cli.main"]
 def floor_slide(slide_path: Path, dst: Path, cfg: TileConfig) -> tuple[int, float]:
     """(kept tiles, seconds): tissue test, kept tiles read and written as Blosc-lz4 chunks."""
     import zarr
+    from _floor import floor_kept_tiles
 
     from hpcpath.codecs import array_codecs
     from hpcpath.io import open_slide
-    from hpcpath.tiling import tile_geometry, tile_grid
-    from hpcpath.tissue import threshold_channel, tile_tissue_fraction, tissue_channel
 
     shutil.rmtree(dst, ignore_errors=True)
     t = cfg.tile_size
     t0 = time.perf_counter()
     with open_slide(slide_path) as slide:
-        info = slide.info
-        mds = max(1.0, cfg.mask_mpp / info.mpp[0])
-        w0, h0 = info.dimensions
-        mw, mh = math.ceil(w0 / mds), math.ceil(h0 / mds)
-        mask, _ = threshold_channel(tissue_channel(slide.read_scaled(0, 0, mw, mh, mds), cfg.tissue_method),
-                                    method=cfg.tissue_method)
-        index, boxes = tile_grid(tile_geometry(info, cfg))
-        frac = tile_tissue_fraction(mask, boxes, (mds, mds))
-        index = index[(frac >= cfg.tissue_threshold) & (frac > 0)]
+        index = floor_kept_tiles(slide, cfg)
         n = len(index)
         arr = zarr.create_array(str(dst), shape=(n, t, t, 3), dtype="uint8", chunks=(cfg.chunk_tiles, t, t, 3),
                                 fill_value=0, **array_codecs("blosc-lz4"))
