@@ -91,6 +91,9 @@ def local_slurm2() -> dict[str, str]:
     shared path such as ``shared_tmp`` -- /tmp differs per node.  The daemons keep running
     after the session; stop them with ``bin/local-slurm stop --nodes 2``.
     """
+    if REPO.resolve().is_relative_to("/tmp"):
+        pytest.fail(f"the two-node Slurm's nodes each have their own /tmp, so they cannot run "
+                    f"{REPO} or its Python: put the checkout outside /tmp", pytrace=False)
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing = [b for b in SLURM_BINARIES + NODE_BINARIES if shutil.which(b, path=search) is None]
     if missing:
