@@ -133,12 +133,15 @@ class _ExpectedWorkerLoss(logging.Filter):
     """Drops Dask's warnings about a worker that left with tasks to redo: a worker retiring
     at its lifetime with no other worker to take its results (one job at a time), or a job
     ended by Slurm.  Dask reruns the tasks, the outputs are the same, and the run's own
-    lines say what matters; ``verbose`` keeps them."""
+    lines say what matters; ``verbose`` keeps them.  The scheduler's "Couldn't gather keys"
+    (an ERROR) is the same event seen by a gather that raced the worker's exit: the client
+    resets those futures and gathers them again once they are recomputed."""
 
     PHRASES = (
         "could not be moved as there are no suitable workers",  # active_memory_manager
         "Could not retire worker",
         "which will be recomputed elsewhere",
+        "Couldn't gather keys",  # scheduler.gather; Client._gather reschedules and retries
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
