@@ -19,6 +19,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _done = False
 
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+"""Environment of every worker process hpcpath starts (LocalCluster: the nanny's pre-spawn
+environment; Slurm: the job script), read by glibc when the process starts.
+
+One malloc arena per worker: glibc gives each thread that allocates an arena of its own
+(up to 8 per core), and with :func:`keep_large_buffers` each arena keeps up to 64 MB of
+freed memory resident.  A worker's task thread, the tile writer thread, zarr's and Dask's
+threads each held the free heap of what they last did (7-10 arenas a worker), and the
+peak worker RSS grew with the number of tasks, so with the slide: +15% from a 20k to a
+100k px slide (docs/benchmarks.md, "Memory against slide size", with the same-run
+throughput A/B of this setting).
+A worker runs one or two task threads, so they hardly ever wait on the arena's lock.
+Set before the process starts: ``mallopt`` from a preload is too late (the worker's first
+threads already have arenas of their own)."""
+
 
 def keep_large_buffers(force: bool = False) -> None:
     """Once per process (``force``: again, after a library changed the settings)."""
@@ -53,6 +68,44 @@ def trim_after(task: F) -> F:
             release_free_memory()
 
     return cast(F, run)
+
+
+def arena_count(threads: int = 0) -> int:
+    """The malloc arenas of this process (glibc's ``malloc_info``; 0 where there is none),
+    counted while ``threads`` new threads each hold an allocation: glibc gives each its own
+    arena unless the process started with fewer (:data:`WORKER_ENV`)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+    import tempfile
+    import threading
+
+    barrier = threading.Barrier(threads + 1)
+
+    def allocate() -> None:
+        block = bytearray(1 << 20)
+        barrier.wait()
+        del block
+
+    started = [threading.Thread(target=allocate, daemon=True) for _ in range(threads)]
+    for t in started:
+        t.start()
+    barrier.wait()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.fopen.restype = ctypes.c_void_p
+        with tempfile.NamedTemporaryFile("rb") as tmp:
+            f = libc.fopen(tmp.name.encode(), b"w")
+            if not f:
+                return 0
+            libc.malloc_info(0, ctypes.c_void_p(f))
+            libc.fclose(ctypes.c_void_p(f))
+            return tmp.read().count(b"<heap nr=")
+    except (OSError, AttributeError):
+        return 0
+    finally:
+        for t in started:
+            t.join()
 
 
 def release_free_memory() -> None:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pydantic
 import pytest
 
+from hpcpath._malloc import arena_count
 from hpcpath.cluster import (
     ENV_VAR,
     ClusterError,
@@ -254,6 +255,7 @@ def test_slurm_job_script_renders_without_submitting() -> None:
         "#SBATCH --gres=gpu:1",
         "#SBATCH --constraint=a100",
         "module load cuda",
+        "export MALLOC_ARENA_MAX=1",
         f"{sys.executable} -m distributed.cli.dask_worker",
         "--resources GPU=1",
         "--lifetime 510s --lifetime-stagger 30s",  # retires before the 10 min walltime
@@ -287,15 +289,22 @@ def square(x: int) -> int:
     return x * x
 
 
+ARENAS = partial(arena_count, 6)  # malloc arenas once 6 threads allocated at once
+
+
 def test_local_round_trip_and_scheduler_backend() -> None:
     import distributed  # noqa: F401 - its first import sets its logger's level; stages no longer import it
 
     level = logging.getLogger("distributed").level
+    arena_env = os.environ.get("MALLOC_ARENA_MAX")
     with cluster_client({"backend": "local", "n_workers": 1}, n_workers_override=2) as client:
         assert client.submit(square, 7).result() == 49
         client.wait_for_workers(2, timeout=30)
         assert dashboard_link(client).startswith("http://127.0.0.1:")
         assert {w["host"] for w in client.scheduler_info()["workers"].values()} == {"127.0.0.1"}
+        # every worker process starts with one malloc arena (its peak RSS flat in slide size)
+        assert set(client.run(ARENAS).values()) == {1}
+        assert os.environ.get("MALLOC_ARENA_MAX") == arena_env  # this process keeps its own
         # the `scheduler` backend attaches to a running scheduler
         with cluster_client(client.scheduler.address) as other:
             assert other.submit(square, 3).result() == 9
@@ -359,6 +368,7 @@ def test_slurm_one_gpu_per_job(local_slurm: dict[str, str], tmp_path: Path) -> N
         client.wait_for_workers(2, timeout=60)
         devices = client.run(GPU_ENV)
         assert len(devices) == 2 and set(devices.values()) == {"0", "1"}
+        assert set(client.run(ARENAS).values()) == {1}  # the job script's env
         futures = [client.submit(GPU_ENV, resources={"GPU": 1}, pure=False) for _ in range(6)]
         results = client.gather(futures)
         assert set(results) <= {"0", "1"} and len(results) == 6

@@ -34,7 +34,10 @@ def slurm_cluster_kwargs(spec: SlurmSpec) -> dict[str, Any]:
     (2, 2, ['--gres=gpu:2'], ['--resources', 'GPU=1'])
     >>> [line for line in kw["job_script_prologue"] if "INTRAOP" in line]
     ['export TF_NUM_INTRAOP_THREADS=1']
+    >>> "export MALLOC_ARENA_MAX=1" in kw["job_script_prologue"]
+    True
     """
+    from hpcpath._malloc import WORKER_ENV
     from hpcpath.cluster.pinning import thread_env
 
     directives = list(spec.job_extra_directives)
@@ -45,6 +48,8 @@ def slurm_cluster_kwargs(spec: SlurmSpec) -> dict[str, Any]:
     # cores per worker.  The user's own prologue comes after, so it can override them.
     per_process = max(1, spec.job_cores // spec.worker_processes)
     prologue = [f"export {k}={v}" for k, v in thread_env(per_process).items()]
+    # one malloc arena per worker process, as local workers start with (hpcpath._malloc)
+    prologue += [f"export {k}={v}" for k, v in WORKER_ENV.items()]
     prologue += list(spec.job_script_prologue)
     if spec.gpus_per_job:
         directives.insert(0, f"--gres=gpu:{spec.gpus_per_job}")
