@@ -4,7 +4,7 @@ Per slide the graph is::
 
     plan (worker): open slide, tissue mask at low resolution, tile grid, create the store
       -> write_tiles[a:b] (workers, one per run of whole chunks; thumbnails for the pyramid)
-      -> write_pyramid_block[2048 px blocks] (after the tiles) -> [write_pyramid_levels]
+      -> write_pyramid_blocks[2048 px blocks] (after the tiles) -> [write_pyramid_levels]
       -> finalize (side arrays removed, marker last)
 
 The driver submits tasks and receives only counts and small metadata, never pixels (the
@@ -176,16 +176,18 @@ def pyramid_shapes(info: SlideInfo, base_downsample: float) -> list[tuple[int, i
 
 
 def _half(block: np.ndarray) -> np.ndarray:
-    """2x2 means (rounded half up) of an (h, w, 3) uint8 block; an odd last row or column is
-    averaged with itself (PIL's reduce: a C loop, ~3x numpy's strided sums)."""
+    """2x2 means (rounded half up) of a (c, h, w) uint8 block, the pyramid arrays' axis
+    order; an odd last row or column is averaged with itself.  PIL's reduce of each plane as
+    a greyscale image: a C loop, ~3x numpy's strided sums, and a plane goes in without the
+    copy an RGB image needs (PIL keeps RGB as 4 bytes a pixel), so blocks stay channel-first
+    from the slide read to the chunk writes, never transposed back and forth."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(np.ascontiguousarray(block)).reduce(2))
-
-
-def _downsample2(block: np.ndarray) -> np.ndarray:
-    """:func:`_half` of a (c, h, w) block (the pyramid arrays' axis order)."""
-    return np.moveaxis(_half(np.moveaxis(block, 0, -1)), -1, 0)
+    c, h, w = block.shape
+    out = np.empty((c, -(-h // 2), -(-w // 2)), np.uint8)
+    for i in range(c):
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(block[i])).reduce(2))
+    return out
 
 
 def pyramid_source(geom: TileGeometry, cfg: TileConfig, passthrough: bool) -> tuple[str, int]:
@@ -500,29 +502,39 @@ def write_tiles(slide_path: str, store: str, cfg: TileConfig, start: int, stop: 
 def _write_passthrough(slide, store: str, images, index: np.ndarray, level: int, lds: float,
                        fmt: str, start: int) -> int:
     """Tiles [start, start + len(index)) as the slide's stored tile bytes, never decoded:
-    one shard file per ``images.shards[0]`` tiles, written whole."""
-    from hpcpath.passthrough import blank_chunk, chunk_bytes, native_tile, shard_bytes, write_shard
+    one shard file per ``images.shards[0]`` tiles, the tiles' bodies copied from the slide
+    file by the kernel (:func:`hpcpath.passthrough.write_shard_parts`)."""
+    from hpcpath.passthrough import NativeChunks, blank_chunk, write_shard_parts
 
     per = images.shards[0]
     if start % per:
         raise HpcpathError(f"task start {start} is not on a shard boundary ({per} tiles)", store)
-    page = slide.native_page(level)
-    if page is None:
+    if slide.native_page(level) is None:
         raise SlideError(f"level {level} is no longer readable tile by tile", slide.path)
     base = os.path.join(store, images.path)
     t = images.shape[1]
     blank = None
-    for c0 in range(0, len(index), per):
-        chunks = []
-        for x, y in index[c0 : c0 + per, :2]:
-            raw = native_tile(slide, level, int(round(x / lds)), int(round(y / lds)))
-            if raw is None:  # sparse in the file: OpenSlide shows the background colour
-                blank = blank or blank_chunk(fmt, t, slide.background)
-                chunks.append(blank)
-            else:
-                chunks.append(chunk_bytes(fmt, page, raw))
-        key = images.metadata.encode_chunk_key(((start + c0) // per, 0, 0, 0))
-        write_shard(os.path.join(base, key), shard_bytes(chunks, per))
+    lxy = np.round(index[:, :2] / lds).astype(np.int64).tolist()
+    folders: set[str] = set()
+    src = os.open(slide.path, os.O_RDONLY)
+    try:
+        tiles = NativeChunks(slide, src, fmt, level)
+        for c0 in range(0, len(index), per):
+            parts: list = []
+            for lx, ly in lxy[c0 : c0 + per]:
+                part = tiles.get(lx, ly)
+                if part is None:  # sparse in the file: OpenSlide shows the background colour
+                    part = blank = blank or blank_chunk(fmt, t, slide.background)
+                parts.append(part)
+            path = os.path.join(base, images.metadata.encode_chunk_key(((start + c0) // per, 0, 0, 0)))
+            folder = os.path.dirname(path)
+            try:
+                write_shard_parts(path, parts, per, src, folder_exists=folder in folders)
+                folders.add(folder)
+            except EOFError as exc:
+                raise SlideError(f"cannot read level {level}: {exc}", slide.path) from None
+    finally:
+        os.close(src)
     return len(index)
 
 
@@ -537,111 +549,131 @@ def _kept_footprints(index: np.ndarray, side: float, d: float, r0: int, r1: int,
 
 
 def _paste(block: np.ndarray, r0: int, c0: int, box, pixels: np.ndarray) -> None:
-    """Put (h, w, 3) ``pixels`` whose base-pixel box is ``box`` into the (H, W, 3) block at
+    """Put (h, w, 3) ``pixels`` whose base-pixel box is ``box`` into the (3, H, W) block at
     (r0, c0), clipped to the block."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    bh, bw, _ = block.shape
+    _, bh, bw = block.shape
     a, b = max(y0, r0), min(y1, r0 + bh)
     e, f = max(x0, c0), min(x1, c0 + bw)
     if a < b and e < f:
-        block[a - r0 : b - r0, e - c0 : f - c0] = pixels[a - y0 : b - y0, e - x0 : f - x0]
+        block[:, a - r0 : b - r0, e - c0 : f - c0] = np.moveaxis(pixels[a - y0 : b - y0, e - x0 : f - x0], -1, 0)
 
 
 def _filled(shape: tuple[int, int], colour: np.ndarray) -> np.ndarray:
-    """An (h, w, 3) uint8 image of one colour (row by row: broadcasting a 3-vector over a
-    2048-px block is ~10x slower)."""
-    h, w = shape
-    out = np.empty((h, w, 3), np.uint8)
-    out.reshape(h, w * 3)[:] = np.tile(colour, w)
+    """A (3, h, w) uint8 image of one colour, a plane at a time (a memset each)."""
+    out = np.empty((len(colour), *shape), np.uint8)
+    for i, v in enumerate(colour):
+        out[i].fill(v)
     return out
 
 
 def _paste_thumbs(shape: tuple[int, int], bg: np.ndarray, r0: int, c0: int, boxes: np.ndarray,
                   thumbs: np.ndarray) -> np.ndarray:
-    """An (h, w, 3) block at (r0, c0) of the background colour with the thumbnails in it.
-    When they lie on a grid of their own size from the block's corner (the usual case), in
-    one assignment through a (rows, cols, s, s, 3) view of a block padded to that grid."""
+    """A (3, h, w) block at (r0, c0) of the background colour with the (n, s, s, 3)
+    thumbnails in it.  When they lie on a grid of their own size from the block's corner
+    (the usual case), in one assignment through a (rows, cols, 3, s, s) view of a block
+    padded to that grid."""
     s = thumbs.shape[1]
     h, w = shape
     gy, gx = boxes[:, 1] - r0, boxes[:, 0] - c0
     if not (gy % s).any() and not (gx % s).any() and gy.min() >= 0 and gx.min() >= 0:
         hp, wp = -(-max(h, int(gy.max()) + s) // s) * s, -(-max(w, int(gx.max()) + s) // s) * s
         grid = _filled((hp, wp), bg)
-        cells = grid.reshape(hp // s, s, wp // s, s, 3).transpose(0, 2, 1, 3, 4)
-        cells[gy // s, gx // s] = thumbs
-        return grid[:h, :w]
+        cells = grid.reshape(3, hp // s, s, wp // s, s).transpose(1, 3, 0, 2, 4)
+        cells[gy // s, gx // s] = thumbs.transpose(0, 3, 1, 2)
+        return grid[:, :h, :w]
     block = _filled((h, w), bg)
     for box, t in zip(boxes, thumbs):
         _paste(block, r0, c0, box, t)
     return block
 
 
-def write_pyramid_block(slide_path: str, store: str, cfg: TileConfig, r0: int, c0: int, n_levels: int,
-                        *_deps: Any) -> int:
-    """Worker task: the base block at (r0, c0) (``_PYRAMID_BLOCK`` px a side) and its share
-    of the next ``n_levels - 1`` levels (2x2 means), which it covers in whole chunks.
+@dataclass
+class _PyramidTask:
+    """What a pyramid task's blocks share, opened once a task: the store's levels and their
+    chunk writers, the tile index, the slide handle and where the kept tiles' pixels come from."""
 
-    The pyramid shows the kept tiles: each one's footprint from its thumbnail (decode path,
-    written by ``write_tiles``; this task runs after them) or read from the slide's best
-    level for the pyramid's scale (``pyramid_source``); everything else is the slide's
-    background colour.  A block with no kept tile on a white-background slide writes nothing
-    (its chunks read as the arrays' fill value, white)."""
-    keep_large_buffers()
-    st = open_store(store, require_complete=False, mode="r+")
-    levels = st.pyramid
-    _, h, w = levels[0].shape
-    r1, c1 = min(h, r0 + _PYRAMID_BLOCK), min(w, c0 + _PYRAMID_BLOCK)
-    meta = st.metadata
-    d = cfg.pyramid_downsample
-    side = meta.tiling.tile_size * meta.tiling.downsample
-    slide = open_slide(slide_path, cfg.reader, cached=True)
-    bg = slide.background
-    index = np.asarray(st.root["tiles/index"][:]) if meta.tiling.n_tiles else np.zeros((0, 5), np.int64)
-    # the index is row-major (y ascending): footprints of the rows whose tiles can reach the
-    # block's rows only, so a block costs its own tiles, not the slide's (51k rows at 100k)
-    lo, hi = (int(v) for v in np.searchsorted(index[:, 1], [(r0 - 1) * d - side, (r1 + 1) * d]))
-    rows, boxes = _kept_footprints(index[lo:hi], side, d, r0, r1, c0, c1)
-    rows += lo
-    if not len(rows) and (bg == 255).all():
-        return 1
-    if meta.tiling.options.get("pyramid_source") == "tiles" and len(rows):
-        a, b = int(rows.min()), int(rows.max()) + 1
-        thumbs = np.asarray(st.root[f"tiles/{_THUMBS}"][a:b])
-        block = _paste_thumbs((r1 - r0, c1 - c0), bg, r0, c0, boxes, thumbs[rows - a])
-    else:
-        block = _filled((r1 - r0, c1 - c0), bg)
-        i = 0
-        while i < len(rows):  # one read per run of adjacent tiles in a grid row
-            j = i + 1
-            while j < len(rows) and boxes[j, 1] == boxes[i, 1] and boxes[j, 0] <= boxes[j - 1, 2]:
-                j += 1
-            x0, y0 = max(int(boxes[i, 0]), c0), max(int(boxes[i, 1]), r0)
-            x1, y1 = min(int(boxes[i:j, 2].max()), c1), min(int(boxes[i, 3]), r1)
-            px = slide.read_scaled(x0 * d, y0 * d, x1 - x0, y1 - y0, d)
-            _paste(block, r0, c0, (x0, y0, x1, y1), px)
-            i = j
-        # the decoded tiles these reads shared (a block's own) are of no use to the next
-        # block: a worker's cached handle kept up to 256 (~50 MB) from block to block
-        slide.clear_cache()
-    # chunks no kept tile reaches hold only the background: left unwritten when it is the
-    # arrays' fill value (white), so neither compared nor encoded
-    drawn = boxes - [c0, r0, c0, r0] if (bg == 255).all() else None
-    for k in range(n_levels):
-        if k:
-            block = _half(block)
-            r0, c0 = r0 // 2, c0 // 2
-            drawn = None if drawn is None else drawn // 2 + [0, 0, 1, 1]
-        _, lh, lw = levels[k].shape
-        _write_chunks(levels[k], r0, c0, block[: lh - r0, : lw - c0], drawn)
-    return 1
+    levels: list
+    puts: list
+    index: np.ndarray
+    side: float
+    d: float
+    bg: np.ndarray
+    slide: Any
+    thumbs: Any  # tiles/.thumbs (decode path), else None: read from the slide
+
+    @classmethod
+    def open(cls, slide_path: str, store: str, cfg: TileConfig, n_levels: int) -> _PyramidTask:
+        st = open_store(store, require_complete=False, mode="r+")
+        levels = st.pyramid
+        meta = st.metadata
+        slide = open_slide(slide_path, cfg.reader, cached=True)
+        n = meta.tiling.n_tiles
+        index = np.asarray(st.root["tiles/index"][:]) if n else np.zeros((0, 5), np.int64)
+        from_tiles = meta.tiling.options.get("pyramid_source") == "tiles" and n
+        return cls(levels, [_chunk_writer(a) for a in levels[:n_levels]], index,
+                   meta.tiling.tile_size * meta.tiling.downsample, cfg.pyramid_downsample,
+                   slide.background, slide, st.root[f"tiles/{_THUMBS}"] if from_tiles else None)
+
+    def block(self, r0: int, c0: int, n_levels: int) -> None:
+        """The base block at (r0, c0) (``_PYRAMID_BLOCK`` px a side) and its share of the next
+        ``n_levels - 1`` levels (2x2 means), which it covers in whole chunks.
+
+        The pyramid shows the kept tiles: each one's footprint from its thumbnail (decode
+        path, written by ``write_tiles``; this task runs after them) or read from the slide's
+        best level for the pyramid's scale (``pyramid_source``); everything else is the
+        slide's background colour.  A block with no kept tile on a white-background slide
+        writes nothing (its chunks read as the arrays' fill value, white)."""
+        _, h, w = self.levels[0].shape
+        r1, c1 = min(h, r0 + _PYRAMID_BLOCK), min(w, c0 + _PYRAMID_BLOCK)
+        d, side, bg, index = self.d, self.side, self.bg, self.index
+        # the index is row-major (y ascending): footprints of the rows whose tiles can reach
+        # the block's rows only, so a block costs its own tiles, not the slide's (51k at 100k)
+        lo, hi = (int(v) for v in np.searchsorted(index[:, 1], [(r0 - 1) * d - side, (r1 + 1) * d]))
+        rows, boxes = _kept_footprints(index[lo:hi], side, d, r0, r1, c0, c1)
+        rows += lo
+        if not len(rows) and (bg == 255).all():
+            return
+        if self.thumbs is not None and len(rows):
+            a, b = int(rows.min()), int(rows.max()) + 1
+            thumbs = np.asarray(self.thumbs[a:b])
+            block = _paste_thumbs((r1 - r0, c1 - c0), bg, r0, c0, boxes, thumbs[rows - a])
+        else:
+            block = _filled((r1 - r0, c1 - c0), bg)
+            i = 0
+            while i < len(rows):  # one read per run of adjacent tiles in a grid row
+                j = i + 1
+                while j < len(rows) and boxes[j, 1] == boxes[i, 1] and boxes[j, 0] <= boxes[j - 1, 2]:
+                    j += 1
+                x0, y0 = max(int(boxes[i, 0]), c0), max(int(boxes[i, 1]), r0)
+                x1, y1 = min(int(boxes[i:j, 2].max()), c1), min(int(boxes[i, 3]), r1)
+                px = self.slide.read_scaled(x0 * d, y0 * d, x1 - x0, y1 - y0, d)
+                _paste(block, r0, c0, (x0, y0, x1, y1), px)
+                i = j
+            # the decoded tiles these reads shared (a block's own) are of no use to the next
+            # block: a worker's cached handle kept up to 256 (~50 MB) from block to block
+            self.slide.clear_cache()
+        # chunks no kept tile reaches hold only the background: left unwritten when it is
+        # the arrays' fill value (white), so neither compared nor encoded
+        drawn = boxes - [c0, r0, c0, r0] if (bg == 255).all() else None
+        for k in range(n_levels):
+            if k:
+                block = _half(block)
+                r0, c0 = r0 // 2, c0 // 2
+                drawn = None if drawn is None else drawn // 2 + [0, 0, 1, 1]
+            _, lh, lw = self.levels[k].shape
+            _write_chunks(self.levels[k], r0, c0, block[:, : lh - r0, : lw - c0], drawn, self.puts[k])
 
 
 def write_pyramid_blocks(slide_path: str, store: str, cfg: TileConfig, blocks: tuple[tuple[int, int], ...],
                          n_levels: int, *_deps: Any) -> int:
-    """Worker task: :func:`write_pyramid_block` for each (r0, c0) of ``blocks`` in turn: a few
-    blocks a task, so a small slide's pyramid costs a few scheduler round trips, not one a block."""
+    """Worker task: :meth:`_PyramidTask.block` for each (r0, c0) of ``blocks`` in turn, the
+    store and slide opened once: a few blocks a task, so a small slide's pyramid costs a few
+    scheduler round trips, not one a block, and a big one a store open per four blocks."""
+    keep_large_buffers()
+    task = _PyramidTask.open(slide_path, store, cfg, n_levels)
     for r0, c0 in blocks:
-        write_pyramid_block(slide_path, store, cfg, r0, c0, n_levels)
+        task.block(r0, c0, n_levels)
     return len(blocks)
 
 
@@ -673,27 +705,31 @@ def _chunk_writer(arr) -> Callable[[tuple[int, ...], np.ndarray], None] | None:
     return put
 
 
-def _write_chunks(arr, r0: int, c0: int, block: np.ndarray, drawn: np.ndarray | None = None) -> None:
-    """``arr[:, r0:, c0:] = block`` (moved to channels first) for an (h, w, 3) block made of
-    whole chunks of a pyramid array, through :func:`_chunk_writer` where it can.  Chunks
-    all of the fill value are skipped (as zarr does without ``write_empty_chunks``): those
-    that no box of ``drawn`` (x0, y0, x1, y1 in block pixels) reaches, when it is given."""
-    put = _chunk_writer(arr)
+def _write_chunks(arr, r0: int, c0: int, block: np.ndarray, drawn: np.ndarray | None = None,
+                  put: Callable[[tuple[int, ...], np.ndarray], None] | None = None) -> None:
+    """``arr[:, r0:, c0:] = block`` for a (3, h, w) block made of whole chunks of a pyramid
+    array, through ``put`` (:func:`_chunk_writer`, made here when not given) where it can.
+    Chunks all of the fill value are skipped (as zarr does without ``write_empty_chunks``):
+    those that no box of ``drawn`` (x0, y0, x1, y1 in block pixels) reaches, when given."""
+    put = put or _chunk_writer(arr)
     if put is None:
-        arr[:, r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = np.moveaxis(block, -1, 0)
+        arr[:, r0 : r0 + block.shape[1], c0 : c0 + block.shape[2]] = block
         return
     _, ch, cw = arr.chunks
     fill = arr.fill_value
-    for a in range(0, block.shape[0], ch):
-        for b in range(0, block.shape[1], cw):
-            part = block[a : a + ch, b : b + cw]
+    for a in range(0, block.shape[1], ch):
+        for b in range(0, block.shape[2], cw):
+            part = block[:, a : a + ch, b : b + cw]
             if drawn is not None:
                 if not ((drawn[:, 2] > b) & (drawn[:, 0] < b + cw) & (drawn[:, 3] > a) & (drawn[:, 1] < a + ch)).any():
                     continue
             elif (part == fill).all():
                 continue
-            chunk = np.full((3, ch, cw), fill, np.uint8)
-            chunk[:, : part.shape[0], : part.shape[1]] = np.moveaxis(part, -1, 0)
+            if part.shape[1:] == (ch, cw):
+                chunk = np.ascontiguousarray(part)
+            else:  # an edge chunk, padded with the fill value as zarr stores it
+                chunk = np.full((3, ch, cw), fill, np.uint8)
+                chunk[:, : part.shape[1], : part.shape[2]] = part
             put((0, (r0 + a) // ch, (c0 + b) // cw), chunk)
 
 
@@ -723,8 +759,8 @@ def _chunk_reader(arr) -> Callable[[tuple[int, ...]], np.ndarray | None] | None:
 
 
 def _read_block(arr, get, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """``arr[:, r0:r1, c0:c1]`` of a (3, h, w) array as an (h, w, 3) block, chunk by chunk
-    through ``get`` (:func:`_chunk_reader`)."""
+    """``arr[:, r0:r1, c0:c1]`` of a (3, h, w) array, chunk by chunk through ``get``
+    (:func:`_chunk_reader`)."""
     _, ch, cw = arr.chunks
     out = _filled((r1 - r0, c1 - c0), np.full(3, arr.fill_value, np.uint8))
     for a in range(r0 // ch, -(-r1 // ch)):
@@ -734,7 +770,7 @@ def _read_block(arr, get, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
                 continue
             y0, y1, x0, x1 = max(r0, a * ch), min(r1, (a + 1) * ch), max(c0, b * cw), min(c1, (b + 1) * cw)
             part = chunk[:, y0 - a * ch : y1 - a * ch, x0 - b * cw : x1 - b * cw]
-            out[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = np.moveaxis(part, 0, -1)
+            out[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = part
     return out
 
 
@@ -750,7 +786,7 @@ def write_pyramid_levels(store: str, first: int = 1, *_deps: Any) -> int:
     step = _PYRAMID_CHUNK
     for level in range(first, n):
         src, dst = levels[level - 1], levels[level]
-        get = _chunk_reader(src)
+        get, put = _chunk_reader(src), _chunk_writer(dst)
         _, h, w = dst.shape
         _, sh, sw = src.shape
         for r0 in range(0, h, step):
@@ -759,10 +795,10 @@ def write_pyramid_levels(store: str, first: int = 1, *_deps: Any) -> int:
                 c1 = min(w, c0 + step)
                 if get is None:
                     block = np.asarray(src[:, 2 * r0 : 2 * r1, 2 * c0 : 2 * c1])
-                    dst[:, r0:r1, c0:c1] = _downsample2(block)[:, : r1 - r0, : c1 - c0]
+                    dst[:, r0:r1, c0:c1] = _half(block)[:, : r1 - r0, : c1 - c0]
                     continue
                 block = _read_block(src, get, 2 * r0, min(sh, 2 * r1), 2 * c0, min(sw, 2 * c1))
-                _write_chunks(dst, r0, c0, _half(block)[: r1 - r0, : c1 - c0])
+                _write_chunks(dst, r0, c0, _half(block)[:, : r1 - r0, : c1 - c0], put=put)
     return n
 
 
