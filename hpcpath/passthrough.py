@@ -36,12 +36,14 @@ browser) shows the pixels OpenSlide shows.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
 import numpy as np
 
-__all__ = ["qualify", "standalone_jpeg", "shard_bytes", "write_shard", "decode_tile", "FORMATS"]
+__all__ = ["qualify", "standalone_jpeg", "jpeg_prefix", "write_shard", "write_shard_parts",
+           "decode_tile", "FORMATS"]
 
 JPEG, JPEG2K_RGB, JPEG2K_YCBCR = 7, 33005, 33003
 FORMATS = {JPEG: "jpeg", JPEG2K_RGB: "jpeg2k"}
@@ -50,24 +52,31 @@ _MAX = 2**64 - 1
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
 
-def _has_marker(stream: bytes, marker: int, tag: bytes) -> bool:
-    """Whether the header of a JPEG stream (before its first SOS) has an APPn ``marker``
-    segment starting with ``tag``."""
+def _scan_header(stream: bytes, marker: int = -1, tag: bytes = b"") -> tuple[bool, bool]:
+    """(found, complete) for the header of a JPEG stream (before its first SOS): whether it
+    has an APPn ``marker`` segment starting with ``tag``, and whether the scan reached the
+    SOS (False: ``stream`` ends inside the header, so the answer may be incomplete)."""
     i = 2
     while i + 4 <= len(stream):
         if stream[i] != 0xFF:
-            return False
+            return False, True
         m = stream[i + 1]
         if m == 0xFF:  # fill byte
             i += 1
             continue
         if m == 0xDA:  # SOS: header over
-            return False
+            return False, True
         n = int.from_bytes(stream[i + 2 : i + 4], "big")
         if m == marker and stream[i + 4 : i + 4 + len(tag)] == tag:
-            return True
+            return True, True
         i += 2 + n
-    return False
+    return False, False
+
+
+def _has_marker(stream: bytes, marker: int, tag: bytes) -> bool:
+    """Whether the header of a JPEG stream (before its first SOS) has an APPn ``marker``
+    segment starting with ``tag``."""
+    return _scan_header(stream, marker, tag)[0]
 
 
 def _adobe(transform: int) -> bytes:
@@ -89,6 +98,19 @@ def standalone_jpeg(tables: bytes | None, tile: bytes, photometric: int) -> byte
     if not _has_marker(stream, 0xEE, b"Adobe") and not _has_marker(stream, 0xE0, b"JFIF\x00"):
         stream = _SOI + _adobe(0 if photometric == _RGB else 1) + body
     return stream
+
+
+def jpeg_prefix(tables: bytes | None, head: bytes, photometric: int) -> bytes | None:
+    """The bytes :func:`standalone_jpeg` puts before ``tile[2:]``, from the tile's first
+    bytes only (``head``); None when ``head`` ends inside the tile's header, so the caller
+    reads the whole tile.  The tile's body then goes from the slide file to the shard
+    without passing through this process (:func:`write_shard_parts`)."""
+    if not head.startswith(_SOI):
+        raise ValueError("not a JPEG stream (no SOI marker)")
+    if not _scan_header(_SOI + (tables[2:-2] if tables and len(tables) > 4 else b"") + head[2:])[1]:
+        return None
+    whole = standalone_jpeg(tables, head, photometric)
+    return whole[: len(whole) - (len(head) - 2)]
 
 
 def decode_tile(fmt: str, data: bytes, out: np.ndarray | None = None) -> np.ndarray:
@@ -141,17 +163,69 @@ def qualify(slide, geom, cfg, probe: tuple[int, int] | None) -> tuple[str | None
     return fmt, ""
 
 
+def _tile_index(page, lx: int, ly: int) -> int:
+    tw, th = page.tilewidth, page.tilelength
+    if lx % tw or ly % th:
+        raise ValueError(f"({lx}, {ly}) is not on the native {tw}x{th} tile grid")
+    return (ly // th) * -(-page.imagewidth // tw) + lx // tw
+
+
 def native_tile(slide, level: int, lx: int, ly: int) -> bytes | None:
     """Stored bytes of the native tile whose top-left is at level coordinates (lx, ly);
     None for a sparse (never written) tile."""
     page = slide.native_page(level)
-    tw, th = page.tilewidth, page.tilelength
-    if lx % tw or ly % th:
-        raise ValueError(f"({lx}, {ly}) is not on the native {tw}x{th} tile grid")
-    index = (ly // th) * -(-page.imagewidth // tw) + lx // tw
+    index = _tile_index(page, lx, ly)
     if not page.databytecounts[index]:
         return None
     return slide.raw_tile(level, index)
+
+
+_HEAD = 4096  # bytes of a tile read to find its header's end (tables, markers, SOF, SOS)
+
+
+class NativeChunks:
+    """The chunks of one slide level's native tiles as :func:`write_shard_parts` takes
+    them, for a task that copies many: ``(prefix, offset, length)`` of the slide file (only
+    a tile's first bytes are read here), the whole chunk as bytes when a tile's header runs
+    past them, None for a sparse tile.  Tiles of a level share their header (tables,
+    markers, SOF, SOS) as a rule: a tile that starts with the last one's header gets its
+    prefix without a second scan."""
+
+    def __init__(self, slide, src_fd: int, fmt: str, level: int) -> None:
+        self.slide, self.fd, self.fmt, self.level = slide, src_fd, fmt, level
+        self.page = slide.native_page(level)
+        self._header, self._prefix = b"\x00", b""  # matches no tile (all start with SOI)
+
+    def get(self, lx: int, ly: int) -> bytes | tuple[bytes, int, int] | None:
+        page = self.page
+        index = _tile_index(page, lx, ly)
+        n, offset = int(page.databytecounts[index]), int(page.dataoffsets[index])
+        if not n:
+            return None
+        if self.fmt != "jpeg":
+            return b"", offset, n
+        head = os.pread(self.fd, min(n, _HEAD), offset)
+        if head.startswith(self._header):
+            return self._prefix, offset + 2, n - 2
+        prefix = jpeg_prefix(page.jpegtables, head, int(page.photometric)) if len(head) == min(n, _HEAD) else None
+        if prefix is None:  # a long header, or a short read (raw_tile says which tile, in one line)
+            return chunk_bytes(self.fmt, page, self.slide.raw_tile(self.level, index))
+        self._header, self._prefix = head[: _header_length(head)], prefix
+        return prefix, offset + 2, n - 2
+
+
+def _header_length(stream: bytes) -> int:
+    """Bytes of a JPEG stream up to and including its first SOS marker (FF DA), so that
+    another stream starting with them has exactly the same segments before its scan."""
+    i = 2
+    while i + 4 <= len(stream) and stream[i] == 0xFF:
+        if stream[i + 1] == 0xFF:
+            i += 1
+            continue
+        if stream[i + 1] == 0xDA:
+            return i + 2
+        i += 2 + int.from_bytes(stream[i + 2 : i + 4], "big")
+    return len(stream) + 1  # never a prefix of another stream's bytes
 
 
 def chunk_bytes(fmt: str, page, raw: bytes) -> bytes:
@@ -172,18 +246,16 @@ def blank_chunk(fmt: str, t: int, background: np.ndarray) -> bytes:
     return bytes(imagecodecs.jpeg2k_encode(tile, level=0, codecformat="J2K"))
 
 
-def shard_bytes(chunks: list[bytes], per_shard: int) -> bytes:
-    """A Zarr v3 shard (index at the end, index codecs bytes + crc32c) holding ``chunks``
-    in order; inner chunks past the last given are empty."""
-    import google_crc32c
-
+def _shard_index(lengths: list[int], per_shard: int) -> bytes:
+    """A Zarr v3 shard's trailing index (index codecs bytes + crc32c) for chunks of these
+    byte lengths stored in order; inner chunks past the last given are empty."""
     index = np.full((per_shard, 2), _MAX, "<u8")
     pos = 0
-    for i, c in enumerate(chunks):
-        index[i] = (pos, len(c))
-        pos += len(c)
+    for i, n in enumerate(lengths):
+        index[i] = (pos, n)
+        pos += n
     raw = index.tobytes()
-    return b"".join(chunks) + raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
+    return raw + np.uint32(_crc32c(raw)).astype("<u4").tobytes()
 
 
 def write_shard(path: str, data: bytes) -> None:
@@ -201,6 +273,82 @@ def write_shard(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def write_shard_parts(path: str, parts: list, per_shard: int, src_fd: int, *, folder_exists: bool = False) -> None:
+    """:func:`write_shard` of chunks given as ``bytes`` or as ``(prefix, offset, length)``:
+    ``prefix`` then ``length`` bytes of the file ``src_fd`` from ``offset``, copied by the
+    kernel (``copy_file_range``: no read into and write out of this process; half the CPU
+    of pread + write for a passthrough tile stage, docs/benchmarks.md).  The shard index
+    (and its checksum) needs only the chunks' lengths."""
+    lengths = [len(p) if isinstance(p, bytes) else len(p[0]) + p[2] for p in parts]
+    tail = _shard_index(lengths, per_shard)
+    if not folder_exists:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pos = 0
+        for p, n in zip(parts, lengths):
+            if isinstance(p, bytes):
+                _pwrite_all(fd, p, pos)
+            else:
+                prefix, offset, length = p
+                _pwrite_all(fd, prefix, pos)
+                _copy_range(src_fd, offset, length, fd, pos + len(prefix))
+            pos += n
+        _pwrite_all(fd, tail, pos)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: give the partial file's space back (logs need it)
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c
+
+    return int(google_crc32c.value(data))
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+_KERNEL_COPY = hasattr(os, "copy_file_range")
+
+
+def _copy_range(src: int, offset: int, length: int, dst: int, pos: int) -> None:
+    """``length`` bytes of ``src`` at ``offset`` to ``dst`` at ``pos``: in the kernel where
+    the file systems allow it, else through a buffer (EXDEV across some file systems,
+    ENOSYS/EOPNOTSUPP on old kernels or network mounts: the fallback stays on for the process)."""
+    global _KERNEL_COPY
+    while length:
+        if _KERNEL_COPY:
+            try:
+                n = os.copy_file_range(src, dst, length, offset, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                    raise
+                _KERNEL_COPY = False
+                continue
+        else:
+            data = os.pread(src, min(length, 1 << 24), offset)
+            n = len(data)
+            if n:
+                _pwrite_all(dst, data, pos)
+        if n == 0:  # the source ends before the tile does (a truncated slide file)
+            raise EOFError(f"the file ends {length} bytes before the end of a tile")
+        offset, pos, length = offset + n, pos + n, length - n
 
 
 def describe(fmt: str | None, reason: str, codec: str) -> dict[str, Any]:

@@ -4,6 +4,8 @@ to the decode path with the reason recorded."""
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from PIL import Image
 
 from hpcpath.config import TileConfig
 from hpcpath.tiling import plan_slide, task_ranges, write_tiles
@@ -94,10 +97,6 @@ def test_chunks_are_the_source_tiles_with_tables_merged(test_data, tmp_path):
 def test_every_tile_decodes_to_openslides_pixels(test_data, tmp_path, name, tile, fmt):
     """Plain zarr reads, the ChunkReader fast path and a third-party decoder (PIL) all give
     exactly OpenSlide's read_region at each tile."""
-    import io
-
-    from PIL import Image
-
     from hpcpath.chunkread import ChunkReader
 
     slide = test_data / "slides" / name
@@ -212,3 +211,94 @@ def test_a_shard_write_killed_midway_leaves_nothing_in_the_finished_store(synth_
     assert not left.exists()
     assert not list(store.rglob("*.tmp"))
     assert zarr.open_group(str(store), mode="r").attrs["hpcpath"].get("complete")
+
+
+def test_shards_from_file_ranges_equal_by_kernel_copy_and_by_buffer(tmp_path, monkeypatch):
+    """write_shard_parts: chunks given as (prefix, offset, length) of the slide file give the
+    same shard whether the kernel copies the ranges (copy_file_range) or the fallback for
+    file systems that refuse it reads and writes them; a range past the file's end is an
+    EOFError and leaves no shard behind."""
+    from hpcpath import passthrough as pt
+
+    data = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    (tmp_path / "src").write_bytes(data)
+    fd = os.open(tmp_path / "src", os.O_RDONLY)
+    try:
+        parts = [b"whole chunk", (b"\xff\xd8", 10, 1000), (b"", 5000, 200_000), (b"ab", 299_000, 1000)]
+        want = (b"whole chunk" + b"\xff\xd8" + data[10:1010] + data[5000:205_000] + b"ab" + data[299_000:]
+                + pt._shard_index([11, 1002, 200_000, 1002], 8))
+        got = {}
+        for kernel in (True, False):
+            monkeypatch.setattr(pt, "_KERNEL_COPY", kernel)
+            path = tmp_path / f"out{kernel}" / "c" / "0"
+            pt.write_shard_parts(str(path), parts, 8, fd)
+            got[kernel] = path.read_bytes()
+        assert got[True] == got[False] == want
+        for kernel in (True, False):
+            monkeypatch.setattr(pt, "_KERNEL_COPY", kernel)
+            with pytest.raises(EOFError):
+                pt.write_shard_parts(str(tmp_path / "cut" / "0"), [(b"", 299_500, 1000)], 8, fd)
+            assert not list((tmp_path / "cut").iterdir())
+    finally:
+        os.close(fd)
+
+
+def test_jpeg_prefix_needs_the_whole_header():
+    """The bytes put before a tile's body come from its first bytes only when those hold its
+    whole header; a header cut short gives None (the caller reads the whole tile)."""
+    from hpcpath.passthrough import jpeg_prefix, standalone_jpeg
+
+    tile = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tile, "JPEG", icc_profile=b"x" * 6000)
+    raw = tile.getvalue()
+    whole = standalone_jpeg(None, raw, 2)
+    assert jpeg_prefix(None, raw, 2) + raw[2:] == whole
+    assert jpeg_prefix(None, raw[:4096], 2) is None  # the ICC profile's APP2 runs past 4 kB
+
+
+def test_native_chunks_reuse_a_header_only_when_it_is_the_same(tmp_path):
+    """NativeChunks reuses the last tile's prefix for a tile with the same header: a tile
+    whose header adds a colour marker before its scan gets its own prefix (no Adobe marker
+    added), which is what standalone_jpeg makes of the whole tile."""
+    import tifffile
+
+    from hpcpath.io import open_slide
+    from hpcpath.passthrough import NativeChunks, standalone_jpeg
+
+    def jpeg(adobe: bool) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(buf, "JPEG", quality=90)
+        raw = buf.getvalue()
+        assert raw[2:4] == b"\xff\xe0"  # drop PIL's JFIF segment: no colour marker at all
+        raw = raw[:2] + raw[4 + int.from_bytes(raw[4:6], "big"):]
+        cut = raw.index(b"\xff\xda")  # insert an APP14 right before the scan
+        return raw[:cut] + (b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" if adobe else b"") + raw[cut:]
+
+    tiles = [jpeg(False), jpeg(True), jpeg(False)]
+    path = tmp_path / "t.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(iter([np.zeros((16, 16, 3), np.uint8)] * 3), shape=(16, 48, 3), dtype=np.uint8,
+                 tile=(16, 16), compression="jpeg", photometric="rgb")
+    # swap in the hand-made streams: the same byte counts are not needed, offsets are read
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offsets, counts = list(page.dataoffsets), list(page.databytecounts)
+    slide = open_slide(path)
+    page = slide.native_page(0)
+    if page is None:
+        pytest.skip("this TIFF is not read directly")
+    data = bytearray(path.read_bytes())
+    end = len(data)
+    for i, t in enumerate(tiles):
+        offsets[i], counts[i] = end + sum(map(len, tiles[:i])), len(t)
+    path.write_bytes(bytes(data) + b"".join(tiles))
+    page.dataoffsets, page.databytecounts = offsets, counts
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = NativeChunks(slide, fd, "jpeg", 0)
+        for i, t in enumerate(tiles):
+            prefix, offset, length = chunks.get(16 * i, 0)
+            body = os.pread(fd, length, offset)
+            assert prefix + body == standalone_jpeg(page.jpegtables, t, int(page.photometric)), i
+    finally:
+        os.close(fd)

@@ -146,6 +146,7 @@ def mark_complete(path: str | os.PathLike, group: str = "", attr: str = "hpcpath
 
 _PYRAMID_CHUNK = 1024
 MASK_CHUNK = 1024  # tissue-mask px per chunk side: the block of blockwise tissue detection
+INDEX_CHUNK = 4096  # rows per chunk of tiles/index and tiles/tissue_fraction
 
 
 class MaskScratch:
@@ -228,11 +229,13 @@ def create_slide_store(path: str | os.PathLike, meta: StoreMeta, *, mask: Any,
             arr[r0 : r0 + step, c0 : c0 + step] = block.astype(np.uint8, copy=False)
     n = len(index)
     tiles = root.create_group("tiles")
+    # a tile task reads the index rows of its own tiles: small chunks (160 kB decoded), so
+    # that is not a decode of the whole slide's index (2.6 MB at 65536 rows) per task
     tiles.create_array(
-        "index", data=index.reshape(-1, 5), chunks=(max(1, min(n, 65536)), 5),
+        "index", data=index.reshape(-1, 5), chunks=(max(1, min(n, INDEX_CHUNK)), 5),
         attributes={"columns": list(INDEX_COLUMNS), "coordinates": "level-0 pixels"},
     )
-    tiles.create_array("tissue_fraction", data=tissue_fraction, chunks=(max(1, min(n, 65536)),))
+    tiles.create_array("tissue_fraction", data=tissue_fraction, chunks=(max(1, min(n, INDEX_CHUNK)),))
     t = meta.tiling.tile_size
     tiles.create_array(
         "images", shape=(n, t, t, 3), dtype="uint8", fill_value=0, config={"write_empty_chunks": True},
