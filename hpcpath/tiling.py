@@ -39,6 +39,7 @@ from hpcpath.manifest import Manifest, SlideRecord
 from hpcpath.runlock import run_lock
 from hpcpath.stage import Unit, one_line, run_per_slide
 from hpcpath.store import (
+    FLAT_CHUNK_KEYS,
     MASK_CHUNK,
     StoreMeta,
     TilingMeta,
@@ -399,7 +400,8 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     if shapes and pyr_source == "tiles" and n:  # thumbnails: chunked as the tiles, so tasks own them
         open_group(spath, "r+", "tiles").create_array(
             _THUMBS, shape=(n, thumb, thumb, 3), dtype="uint8", chunks=(layout["chunks"][0], thumb, thumb, 3),
-            fill_value=0, config={"write_empty_chunks": True}, **array_codecs("blosc-lz4"))
+            fill_value=0, config={"write_empty_chunks": True}, chunk_key_encoding=FLAT_CHUNK_KEYS,
+            **array_codecs("blosc-lz4"))
     if scratch is not None:
         scratch.cleanup()  # (on an error, when the TemporaryDirectory is collected)
     return {

@@ -68,7 +68,7 @@ def tile(slides: Path, out: Path, *extra: str, timeout: int = 300, wait=True):
 def wait_for_first_tile(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(out.glob("*.zarr/tiles/images/c/*")):
+        if any(out.glob("*.zarr/tiles/images/c.*")):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)

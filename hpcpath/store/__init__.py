@@ -11,6 +11,7 @@ predictions groups.  Every stage creates, opens and marks stores through this pa
 from hpcpath.store.meta import DatasetMeta, PredictionsMeta, StoreMeta, TilingMeta, TissueMeta
 from hpcpath.store.predictions import Predictions, open_predictions, predictions_complete
 from hpcpath.store.slide import (
+    FLAT_CHUNK_KEYS,
     INDEX_COLUMNS,
     MASK_CHUNK,
     SlideStore,
@@ -37,6 +38,7 @@ from hpcpath.store.slide import (
 
 __all__ = [
     "INDEX_COLUMNS",
+    "FLAT_CHUNK_KEYS",
     "MASK_CHUNK",
     "SlideStore",
     "StoreMeta",
