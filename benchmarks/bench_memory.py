@@ -19,7 +19,7 @@ Peak RSS is the kernel's ``VmHWM`` of the worker process, reset through
 every size (default ``TileConfig``; ``--passthrough`` and ``--tissue-threshold`` override it
 for all sizes alike).  ``--compare`` repeats each size's run with the malloc settings
 undone (**B**: glibc's default arenas, ``MALLOC_ARENA_MAX`` = 8 per core, and no
-``malloc_trim`` after or around any task).  ``--ab R``: R alternating rounds of A (defaults)
+``malloc_trim`` after any task).  ``--ab R``: R alternating rounds of A (defaults)
 and B on the smallest slide, both tile paths (passthrough as configured, and ``never``),
 tiles/s and kept tiles per worker CPU-second.  The acceptance of issue 12 item 3 is the
 run's peak worker RSS at 100k within +-10% of 20k.

@@ -70,25 +70,6 @@ def trim_after(task: F) -> F:
     return cast(F, run)
 
 
-def trim_around(task: F) -> F:
-    """Decorator for the pyramid-block tasks: :func:`trim_after`, and the same when the task
-    starts.  A block's transient (the block, its decoded source tiles or thumbnails, its
-    chunks: 30-50 MB) then starts from a trimmed heap, not on top of the free heap that the
-    tile tasks before it left (they are not trimmed: ~5% of the decode path's CPU), and the
-    peak RSS does not grow with the number of tasks a slide has.  A few dozen tasks at
-    100k x 100k; no cost in the same-run A/B (docs/benchmarks.md)."""
-
-    @functools.wraps(task)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        release_free_memory()
-        try:
-            return task(*args, **kwargs)
-        finally:
-            release_free_memory()
-
-    return cast(F, run)
-
-
 def arena_count(threads: int = 0) -> int:
     """The malloc arenas of this process (glibc's ``malloc_info``; 0 where there is none),
     counted while ``threads`` new threads each hold an allocation: glibc gives each its own

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hpcpath._malloc import keep_large_buffers, trim_after, trim_around
+from hpcpath._malloc import keep_large_buffers, trim_after
 from hpcpath.config import TileConfig
 from hpcpath.errors import HpcpathError, OutputError, SlideError
 from hpcpath.io import SlideInfo, discover_slides, open_slide, slide_id_for
@@ -667,7 +667,6 @@ class _PyramidTask:
             _write_chunks(self.levels[k], r0, c0, block[:, : lh - r0, : lw - c0], drawn, self.puts[k])
 
 
-@trim_around
 def write_pyramid_blocks(slide_path: str, store: str, cfg: TileConfig, blocks: tuple[tuple[int, int], ...],
                          n_levels: int, *_deps: Any) -> int:
     """Worker task: :meth:`_PyramidTask.block` for each (r0, c0) of ``blocks`` in turn, the
