@@ -18,8 +18,8 @@ Peak RSS is the kernel's ``VmHWM`` of the worker process, reset through
 ``/proc/PID/clear_refs`` when the phase starts (exact, not sampled).  Options are the same for
 every size (default ``TileConfig``; ``--passthrough`` and ``--tissue-threshold`` override it
 for all sizes alike).  ``--compare`` repeats each size's run with the malloc settings
-undone (**B**: glibc's default arenas, ``MALLOC_ARENA_MAX`` = 8 per core, and no
-``malloc_trim`` after any task).  ``--ab R``: R alternating rounds of A (defaults)
+undone (**B**: glibc's default arenas, ``MALLOC_ARENA_MAX`` = 8 per core, as before
+``hpcpath._malloc.WORKER_ENV``).  ``--ab R``: R alternating rounds of A (defaults)
 and B on the smallest slide, both tile paths (passthrough as configured, and ``never``),
 tiles/s and kept tiles per worker CPU-second.  The acceptance of issue 12 item 3 is the
 run's peak worker RSS at 100k within +-10% of 20k.
@@ -42,13 +42,6 @@ from hpcpath.config import TileConfig  # noqa: E402
 
 MB = 2**20
 GLIBC_ARENAS = str(8 * (os.cpu_count() or 1))  # glibc's default arena limit on 64-bit
-
-
-def _untrimmed() -> None:
-    """On a worker: no malloc_trim anywhere (the task decorators call this module global)."""
-    import hpcpath._malloc as m
-
-    m.release_free_memory = lambda: None
 
 
 def _hwm(reset: bool = False) -> int:
@@ -84,8 +77,6 @@ def _cluster(b: bool = False):
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         cluster = local_cluster(LocalSpec(n_workers=1, threads_per_worker=1, memory_limit="8GB"), 1)
     client = Client(cluster)
-    if b:
-        client.run(_untrimmed)
     arenas = next(iter(client.run(arena_count, 6).values()))
     assert (arenas > 1) if b else (arenas == 1), arenas
     # a cohort run's long-lived workers have their imports done: warm them the same way
@@ -200,7 +191,7 @@ def render(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if "b_run_peak_rss_mb" in rows[0]:
-        lines[0] += " B: run peak, glibc arenas, no trims (MB) | vs smallest |"
+        lines[0] += " B: run peak, glibc arenas (MB) | vs smallest |"
         lines[1] += "---|---|"
     for m in rows:
         extra = ""
