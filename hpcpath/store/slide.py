@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
+from zarr.core.chunk_key_encodings import ChunkKeyEncodingParams
 
 import hpcpath.codecs  # noqa: F401  (registers the JPEG codec for readers)
 from hpcpath._version import __version__
@@ -149,7 +150,7 @@ MASK_CHUNK = 1024  # tissue-mask px per chunk side: the block of blockwise tissu
 INDEX_CHUNK = 4096  # rows per chunk of tiles/index and tiles/tissue_fraction
 # tile-array chunk files side by side (c.K.0.0.0), not in K/0/0/ folders: three fewer
 # directories created per chunk file, costly on a parallel file system's metadata server
-FLAT_CHUNK_KEYS = {"name": "default", "separator": "."}
+FLAT_CHUNK_KEYS: ChunkKeyEncodingParams = {"name": "default", "separator": "."}
 
 
 class MaskScratch:
