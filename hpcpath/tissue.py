@@ -199,12 +199,17 @@ def threshold_blocked(
     for r0, r1, c0, c1 in blocks:
         wr0, wr1, wc0, wc1 = _window(r0, r1, c0, c1, 2 * r, shape)
         m = np.asarray(scratch[wr0:wr1, wc0:wc1]) > threshold
-        if se is not None:
+        blank = not m.any()  # most blocks of a slide: no closing, one background component
+        if blank:
+            m = np.zeros((r1 - r0, c1 - c0), bool)
+        elif se is not None:
             pad = ((r * (wr0 == 0), r * (wr1 == h)), (r * (wc0 == 0), r * (wc1 == w)))
             m = ndimage.binary_closing(np.pad(m, pad, mode="edge"), se)
             m = m[r0 - wr0 + pad[0][0]:, c0 - wc0 + pad[1][0]:][: r1 - r0, : c1 - c0]
+        else:
+            m = m[r0 - wr0 :, c0 - wc0 :][: r1 - r0, : c1 - c0]
         out[r0:r1, c0:c1] = m.view(np.uint8)
-        labels, _ = ndimage.label(~m, output=np.int32)
+        labels = np.ones(m.shape, np.int32) if blank else ndimage.label(~m, output=np.int32)[0]
         rim = (labels[0], labels[-1], labels[:, 0], labels[:, -1])  # top, bottom, left, right
         used = np.unique(np.concatenate(rim))
         used = used[used > 0]
@@ -237,7 +242,10 @@ def threshold_blocked(
         open_comp[comp[o[o >= 0]]] = True
     for r0, r1, c0, c1 in blocks:
         m = np.asarray(out[r0:r1, c0:c1]).astype(bool)
-        labels, n = ndimage.label(~m, output=np.int32)
+        if m.any():
+            labels, n = ndimage.label(~m, output=np.int32)
+        else:
+            labels, n = np.ones(m.shape, np.int32), 1
         used = border_labels[r0, c0]
         background = np.zeros(n + 1, bool)  # label -> stays background (reaches the edge)
         if len(used):
@@ -255,6 +263,9 @@ def threshold_blocked(
             continue
         wr0, wr1, wc0, wc1 = _window(r0, r1, c0, c1, min_object_px, shape)
         m = np.asarray(scratch[wr0:wr1, wc0:wc1]).astype(bool)
+        if not m.any():
+            out[r0:r1, c0:c1] = np.zeros((r1 - r0, c1 - c0), np.uint8)
+            continue
         labels, n = ndimage.label(m, output=np.int32)
         keep = np.bincount(labels.ravel(), minlength=n + 1) > min_object_px
         keep[0] = False
