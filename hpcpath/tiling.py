@@ -334,7 +334,7 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
     # stays flat in slide size; the mask is copied into the store when it is created.
     spath.parent.mkdir(parents=True, exist_ok=True)
     scratch = None
-    mask: Any  # an in-memory array, or a MaskScratch file read row by row
+    mask: Any  # an in-memory array, or a MaskScratch file read a window at a time
     work: Any
     read = _channel_reader(slide, mds, cfg.tissue_method)
     if mh * mw <= _MASK_WHOLE_BLOCKS * _MASK_BLOCK**2:  # small: in memory as one block, ~2x faster
@@ -403,6 +403,8 @@ def _plan_slide(slide_path: str, out: str, cfg: TileConfig) -> dict[str, Any]:
             fill_value=0, config={"write_empty_chunks": True}, chunk_key_encoding=FLAT_CHUNK_KEYS,
             **array_codecs("blosc-lz4"))
     if scratch is not None:
+        mask.close()  # the mappings, before their files go
+        work.close()
         scratch.cleanup()  # (on an error, when the TemporaryDirectory is collected)
     return {
         "slide_id": info.slide_id,

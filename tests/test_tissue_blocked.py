@@ -4,6 +4,8 @@ borders, and through the planning task that writes the store's mask and tile fra
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,29 @@ def test_equals_whole_image_through_zarr_arrays(test_data, tmp_path):
     got, _ = _blocked(channel, 1024 // 8, mask_scratch(tmp_path, "a", channel.shape),
                       mask_scratch(tmp_path, "b", channel.shape))
     assert np.array_equal(got, ref)
+
+
+def test_scratch_keeps_only_a_window_resident(tmp_path):
+    """A MaskScratch's pages leave the process after each access (they stay in its file):
+    writing and reading back a 64 MB array by 1024-px blocks adds a few blocks to RSS, not
+    the array; and what was written reads back."""
+    from hpcpath.store import mask_scratch
+
+    def rss_file_kb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("RssFile:")))
+
+    n, b = 8192, 1024
+    arr = mask_scratch(tmp_path, "m", (n, n))
+    before = rss_file_kb()
+    for r in range(0, n, b):
+        for c in range(0, n, b):
+            arr[r : r + b, c : c + b] = (r // b + c // b) % 251
+    for r in range(0, n, b):
+        for c in range(0, n, b):
+            assert int(arr[r : r + b + 3, c : c + b + 3][5, 5]) == (r // b + c // b) % 251
+    assert rss_file_kb() - before < 16 * 1024, "the scratch's pages stayed in the process"
+    arr.close()
 
 
 def _disk(shape, cy, cx, r):
