@@ -4,6 +4,7 @@ LocalCluster run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -71,6 +72,10 @@ def test_sbatch_tile_script_runs_scheduler_and_workers_in_the_allocation(local_s
     assert f"dashboard from your machine: ssh -N -L 8787:127.0.0.1:{port} {node}" in log, log
     for s in SLIDES:
         _assert_same_stores(tmp_path / "out", local_reference, Path(s).stem)
+    # each worker process started with one malloc arena (hpcpath._malloc.WORKER_ENV)
+    (report,) = (tmp_path / ".hpcpath").glob("slurm-*/workers.json")
+    rows = json.loads(report.read_text())
+    assert len(rows) == 2 and {r["malloc_arenas"] for r in rows} == {1}, rows
 
 
 def test_dataset_build_on_slurm_workers_equals_local(local_slurm, dask_client, tmp_path):

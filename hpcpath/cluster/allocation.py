@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcpath._malloc import WORKER_ENV, arena_count
 from hpcpath.errors import ClusterError
 from hpcpath.netaddr import choose_address, contact_address, slurm_node_address
 
@@ -121,7 +122,8 @@ def _worker_main(scheduler_file: str, gpu_per_task: bool) -> int:
                          interface=env.get("HPCPATH_INTERFACE") or None,
                          gpu=gpu_per_task and bool(env.get("CUDA_VISIBLE_DEVICES")))
     # Temporary files of the worker (TensorFlow's autograph sources...) go there too.
-    proc = subprocess.Popen(cmd, env={**env, "TMPDIR": str(scratch)})
+    # One malloc arena per worker (hpcpath._malloc.WORKER_ENV) unless the job sets its own.
+    proc = subprocess.Popen(cmd, env={**WORKER_ENV, **env, "TMPDIR": str(scratch)})
 
     def forward(signum: int, frame: Any) -> None:  # srun's SIGTERM on cancel or step end
         proc.send_signal(signum)
@@ -136,7 +138,7 @@ def _worker_main(scheduler_file: str, gpu_per_task: bool) -> int:
 
 def _worker_facts(dask_worker: Any) -> dict[str, Any]:
     return {"name": str(dask_worker.name), "host": socket.gethostname(),
-            "tasks": int(dask_worker.state.executed_count)}
+            "tasks": int(dask_worker.state.executed_count), "malloc_arenas": arena_count()}
 
 
 def _say(message: str) -> None:
