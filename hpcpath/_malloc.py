@@ -26,11 +26,10 @@ environment; Slurm: the job script), read by glibc when the process starts.
 One malloc arena per worker: glibc gives each thread that allocates an arena of its own
 (up to 8 per core), and with :func:`keep_large_buffers` each arena keeps up to 64 MB of
 freed memory resident.  A worker's task thread, the tile writer thread, zarr's and Dask's
-threads each held the free heap of what they last did (7-10 arenas a worker), and the
-peak worker RSS grew with the number of tasks, so with the slide: +15% from a 20k to a
-100k px slide (docs/benchmarks.md, "Memory against slide size", with the same-run
-throughput A/B of this setting).
-A worker runs one or two task threads, so they hardly ever wait on the arena's lock.
+threads held 7-10 arenas, each with the free heap of what it last did: peak worker RSS
+7-10 MB higher on the passthrough path and 54 MB on the decode path (20k slide), and it
+grew with the number of tasks a slide has.  The same-run A/B shows no loss of tiles per
+worker CPU-second on either tile path (docs/benchmarks.md, "Memory against slide size").
 Set before the process starts: ``mallopt`` from a preload is too late (the worker's first
 threads already have arenas of their own)."""
 
