@@ -1,7 +1,7 @@
 """Passthrough stores against the decode path (Blosc-lz4), on the same slide in the same run.
 
-    .venv/bin/python benchmarks/bench_passthrough.py --out bench-out            # ~5 min
-    .venv/bin/python benchmarks/bench_passthrough.py --out bench-out --size 10000 --rounds 1
+    taskset -c 0 .venv/bin/python benchmarks/bench_passthrough.py --out bench-out               # ~5 min
+    taskset -c 0 .venv/bin/python benchmarks/bench_passthrough.py --out bench-out --size 50000  # ~8 min once the slide exists
 
 Slides: a synthetic Aperio-style JPEG slide from ``hpcpath synth`` (``--size``, 256-px tiles,
 full JPEG per tile) and the real cmu-1-small-region.svs (240-px tiles sharing one JPEGTables
@@ -11,7 +11,13 @@ alternating rounds (best round reported; the VM is shared and noisy):
   stage    the tile-writing tasks alone (``write_tiles`` over every task range, in this
            process, after one ``plan_slide``): what passthrough replaces;
   run      ``tile_slides()`` on a one-worker, one-thread LocalCluster (start-up excluded),
-           with and without the pyramid: planning, tissue mask, tiles, pyramid, marker.
+           with and without the pyramid: planning, tissue mask, tiles, pyramid, marker;
+  inline   ``tile_slides()`` in this process (``InlineBackend``), with the pyramid: what
+           ``hpcpath tile ONE_SLIDE`` runs by default.
+
+Run it on one core, as issue 12 measures (``taskset -c 0``: the LocalCluster's worker, the
+scheduler and this process then share it; without it the decode path's writer thread
+compresses on the second core while the next chunk decodes).
 
 Storage: bytes of the tile array's files (shards / chunks, metadata excluded) against the
 source bytes of the same kept tiles (the TIFF tiles' byte counts, plus the JPEGTables tag
@@ -53,6 +59,21 @@ def stage_rate(slide: Path, out: Path, cfg: TileConfig) -> tuple[int, float, dic
     return plan["n_tiles"], plan["n_tiles"] / secs, how
 
 
+def run_inline(slide: Path, out: Path, cfg: TileConfig) -> tuple[int, float]:
+    """(tiles, seconds) of ``tile_slides`` in this process (``InlineBackend``, a thread per
+    core of this process's affinity): what ``hpcpath tile ONE_SLIDE`` runs by default
+    (``--cluster auto``), no Dask."""
+    from hpcpath.backends.inline import InlineBackend
+    from hpcpath.tiling import tile_slides
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    result = tile_slides([slide], out, cfg, client=InlineBackend())
+    secs = time.perf_counter() - t0
+    assert result.ok, result.records
+    return result.n_tiles, secs
+
+
 def source_tile_bytes(slide: Path, store: Path) -> int:
     """Bytes the source file spends on the store's kept tiles (+ its JPEGTables, once)."""
     import tifffile
@@ -88,6 +109,8 @@ def bench_slide(name: str, slide: Path, tile: int, work: Path, rounds: int) -> d
             for pyr in (False, True):
                 k, secs, _ = run_hpcpath(slide, work / f"run-{label}-{pyr}", cfg.model_copy(update={"pyramid": pyr}))
                 keep(f"run_{label}{'_pyramid' if pyr else ''}", k / secs)
+            k, secs = run_inline(slide, work / f"inline-{label}", cfg.model_copy(update={"pyramid": True}))
+            keep(f"inline_{label}_pyramid", k / secs)
     assert hows["auto"]["kind"] == "passthrough" and hows["never"]["kind"] == "decode", hows
     store_pt = next((work / "run-passthrough-False").glob("*.zarr"))
     store_lz4 = next((work / "run-lz4-False").glob("*.zarr"))
@@ -99,6 +122,7 @@ def bench_slide(name: str, slide: Path, tile: int, work: Path, rounds: int) -> d
         "stage_ratio": best["stage_passthrough"] / best["stage_lz4"],
         "run_ratio": best["run_passthrough"] / best["run_lz4"],
         "run_pyramid_ratio": best["run_passthrough_pyramid"] / best["run_lz4_pyramid"],
+        "inline_pyramid_ratio": best["inline_passthrough_pyramid"] / best["inline_lz4_pyramid"],
         "source_tile_bytes": src, "source_file_bytes": slide.stat().st_size,
         "passthrough_tile_array_bytes": pt_bytes, "lz4_tile_array_bytes": lz4_bytes,
         "passthrough_vs_source": pt_bytes / src, "lz4_vs_source": lz4_bytes / src,
@@ -107,14 +131,15 @@ def bench_slide(name: str, slide: Path, tile: int, work: Path, rounds: int) -> d
 
 def render(results: list[dict]) -> str:
     lines = [
-        "| slide | kept tiles | tile stage: passthrough / lz4 tiles/s | ratio | run (no pyramid): passthrough / lz4 | ratio | run (pyramid): passthrough / lz4 | ratio | source B (kept tiles) | passthrough B (x source) | lz4 B (x source) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| slide | kept tiles | tile stage: passthrough / lz4 tiles/s | ratio | run (no pyramid): passthrough / lz4 | ratio | run (pyramid): passthrough / lz4 | ratio | one slide in-process (pyramid): passthrough / lz4 | ratio | source B (kept tiles) | passthrough B (x source) | lz4 B (x source) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['slide']} | {r['kept_tiles']} | {r['stage_passthrough']:.0f} / {r['stage_lz4']:.0f} | **{r['stage_ratio']:.1f}x** | "
             f"{r['run_passthrough']:.0f} / {r['run_lz4']:.0f} | **{r['run_ratio']:.1f}x** | "
-            f"{r['run_passthrough_pyramid']:.0f} / {r['run_lz4_pyramid']:.0f} | {r['run_pyramid_ratio']:.1f}x | "
+            f"{r['run_passthrough_pyramid']:.0f} / {r['run_lz4_pyramid']:.0f} | **{r['run_pyramid_ratio']:.1f}x** | "
+            f"{r['inline_passthrough_pyramid']:.0f} / {r['inline_lz4_pyramid']:.0f} | **{r['inline_pyramid_ratio']:.1f}x** | "
             f"{r['source_tile_bytes']} | {r['passthrough_tile_array_bytes']} (**{r['passthrough_vs_source']:.3f}x**) | "
             f"{r['lz4_tile_array_bytes']} ({r['lz4_vs_source']:.1f}x) |")
     return "\n".join(lines)
