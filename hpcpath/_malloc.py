@@ -11,6 +11,7 @@ memory stays bounded by design (a few chunks), so keeping freed memory costs lit
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -32,6 +33,21 @@ grew with the number of tasks a slide has.  The same-run A/B shows no loss of ti
 worker CPU-second on either tile path (docs/benchmarks.md, "Memory against slide size").
 Set before the process starts: ``mallopt`` from a preload is too late (the worker's first
 threads already have arenas of their own)."""
+
+
+def one_arena() -> None:
+    """:data:`WORKER_ENV`'s one arena for the threads this process starts from now on, set at
+    run time: for a command whose own process is the worker -- ``hpcpath tile`` on one slide
+    runs its units here (``--cluster auto``), on threads it has not started yet.  A
+    ``MALLOC_ARENA_MAX`` in the environment (glibc read it at start) is left to rule."""
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, int(WORKER_ENV["MALLOC_ARENA_MAX"]))  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def keep_large_buffers(force: bool = False) -> None:

@@ -34,9 +34,11 @@ def tile(inputs, out_dir, config_file, allow_empty, cluster, workers, **options)
     Complete stores are skipped on a rerun; partial ones are redone.  Exit status: 0 when
     every slide was tiled, 1 when any slide failed (or had nothing to tile), 2 on usage errors.
     """
+    from hpcpath._malloc import one_arena
     from hpcpath.cli.progress import Progress
     from hpcpath.tiling import tile_slides
 
+    one_arena()  # the workers' malloc setting here too: one slide is tiled in this process
     cfg = TileConfig.load(config_file, **options)
     with backend_session(cluster, workers, out_dir, lock="tile") as client:
         progress = Progress()
