@@ -4,6 +4,7 @@ borders, and through the planning task that writes the store's mask and tile fra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,26 @@ def test_scratch_keeps_only_a_window_resident(tmp_path):
             assert int(arr[r : r + b + 3, c : c + b + 3][5, 5]) == (r // b + c // b) % 251
     assert rss_file_kb() - before < 16 * 1024, "the scratch's pages stayed in the process"
     arr.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_scratch_on_a_full_disk_is_an_oserror_not_a_sigbus(tmp_path):
+    """The scratch takes its disk when it is made: on a full disk that is ENOSPC (the slide
+    fails in one line), never a write through the mapping into a file that cannot grow."""
+    import errno
+    import subprocess
+
+    from hpcpath.store import mask_scratch
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        with pytest.raises(OSError) as err:
+            mask_scratch(mnt, "m", (4096, 4096))
+        assert err.value.errno == errno.ENOSPC
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _disk(shape, cy, cx, r):
