@@ -272,7 +272,7 @@ def test_standalone_stages_equal_dask_and_survive_killed_python_workers(local_sp
 
     def kill_mid_stage():  # every Python worker, by pid, once the first tile chunk is written
         while not ended.is_set():
-            if any(out.glob("*.zarr/tiles/images/c/*")):
+            if any(out.glob("*.zarr/tiles/images/c.*")):
                 for w in _python_workers(local_spark["dir"]):
                     try:
                         w.kill()
