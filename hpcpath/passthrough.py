@@ -52,25 +52,25 @@ _MAX = 2**64 - 1
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
 
-def _scan_header(stream: bytes, marker: int = -1, tag: bytes = b"") -> tuple[bool, bool]:
-    """(found, complete) for the header of a JPEG stream (before its first SOS): whether it
-    has an APPn ``marker`` segment starting with ``tag``, and whether the scan reached the
-    SOS (False: ``stream`` ends inside the header, so the answer may be incomplete)."""
-    i = 2
+def _scan_header(stream: bytes, marker: int = -1, tag: bytes = b"") -> tuple[bool, int | None]:
+    """(found, end) for the header of a JPEG stream (its segments before the first SOS):
+    whether it has an APPn ``marker`` segment starting with ``tag``, and the offset just past
+    the SOS marker -- -1 where a segment does not start with FF (no header to read further),
+    None where ``stream`` ends inside the header (``found`` may then be incomplete)."""
+    i, found = 2, False
     while i + 4 <= len(stream):
         if stream[i] != 0xFF:
-            return False, True
+            return found, -1
         m = stream[i + 1]
         if m == 0xFF:  # fill byte
             i += 1
             continue
         if m == 0xDA:  # SOS: header over
-            return False, True
+            return found, i + 2
         n = int.from_bytes(stream[i + 2 : i + 4], "big")
-        if m == marker and stream[i + 4 : i + 4 + len(tag)] == tag:
-            return True, True
+        found = found or (m == marker and stream[i + 4 : i + 4 + len(tag)] == tag)
         i += 2 + n
-    return False, False
+    return found, None
 
 
 def _has_marker(stream: bytes, marker: int, tag: bytes) -> bool:
@@ -107,7 +107,7 @@ def jpeg_prefix(tables: bytes | None, head: bytes, photometric: int) -> bytes | 
     without passing through this process (:func:`write_shard_parts`)."""
     if not head.startswith(_SOI):
         raise ValueError("not a JPEG stream (no SOI marker)")
-    if not _scan_header(_SOI + (tables[2:-2] if tables and len(tables) > 4 else b"") + head[2:])[1]:
+    if _scan_header(_SOI + (tables[2:-2] if tables and len(tables) > 4 else b"") + head[2:])[1] is None:
         return None
     whole = standalone_jpeg(tables, head, photometric)
     return whole[: len(whole) - (len(head) - 2)]
@@ -210,22 +210,10 @@ class NativeChunks:
         prefix = jpeg_prefix(page.jpegtables, head, int(page.photometric)) if len(head) == min(n, _HEAD) else None
         if prefix is None:  # a long header, or a short read (raw_tile says which tile, in one line)
             return chunk_bytes(self.fmt, page, self.slide.raw_tile(self.level, index))
-        self._header, self._prefix = head[: _header_length(head)], prefix
+        end = _scan_header(head)[1]  # the header up to and including FF DA: the same
+        if end is not None and end > 0:  # segments before the scan in any tile that starts so
+            self._header, self._prefix = head[:end], prefix
         return prefix, offset + 2, n - 2
-
-
-def _header_length(stream: bytes) -> int:
-    """Bytes of a JPEG stream up to and including its first SOS marker (FF DA), so that
-    another stream starting with them has exactly the same segments before its scan."""
-    i = 2
-    while i + 4 <= len(stream) and stream[i] == 0xFF:
-        if stream[i + 1] == 0xFF:
-            i += 1
-            continue
-        if stream[i + 1] == 0xDA:
-            return i + 2
-        i += 2 + int.from_bytes(stream[i + 2 : i + 4], "big")
-    return len(stream) + 1  # never a prefix of another stream's bytes
 
 
 def chunk_bytes(fmt: str, page, raw: bytes) -> bytes:
