@@ -250,17 +250,7 @@ def write_shard(path: str, data: bytes) -> None:
     """Write one shard file whole (a temporary name renamed into place): a retried task or a
     crash never leaves a torn shard."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: give the partial file's space back (logs need it)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _write_whole(path, lambda fd: _pwrite_all(fd, data, 0))
 
 
 def write_shard_parts(path: str, parts: list, per_shard: int, src_fd: int, *, folder_exists: bool = False) -> None:
@@ -273,9 +263,8 @@ def write_shard_parts(path: str, parts: list, per_shard: int, src_fd: int, *, fo
     tail = _shard_index(lengths, per_shard)
     if not folder_exists:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+
+    def fill(fd: int) -> None:
         pos = 0
         for p, n in zip(parts, lengths):
             if isinstance(p, bytes):
@@ -286,10 +275,21 @@ def write_shard_parts(path: str, parts: list, per_shard: int, src_fd: int, *, fo
                 _copy_range(src_fd, offset, length, fd, pos + len(prefix))
             pos += n
         _pwrite_all(fd, tail, pos)
+
+    _write_whole(path, fill)
+
+
+def _write_whole(path: str, fill) -> None:
+    """``fill(fd)`` writes a temporary file that is then renamed to ``path``; on any error
+    (a full disk) the partial file is removed, giving its space back (logs need it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        fill(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
-    except BaseException:  # a full disk: give the partial file's space back (logs need it)
+    except BaseException:
         if fd >= 0:
             os.close(fd)
         try:
